@@ -1,0 +1,22 @@
+"""The one exception family gesim raises for bad input.
+
+Every user-facing check raises :class:`GesimError` (a ``ValueError``) with a message that
+names the problem and, where there is a finite set, the valid choices. The command line
+turns it into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+
+class GesimError(ValueError):
+    """Bad input: an unknown loss, a parameter out of range, impossible geometry, ..."""
+
+
+def unknown(kind: str, name: str, choices) -> GesimError:
+    """Error for an unknown name, with the closest match and the valid choices."""
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return GesimError(f"unknown {kind} {name!r}{hint}; choose from: {', '.join(choices)}")

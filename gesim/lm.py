@@ -1,0 +1,113 @@
+"""Causal language models as gesim sees them: pairs of token sequences and their log-probs.
+
+One convention everywhere (the small GPT, Hugging Face models, the probe, the trainer):
+
+* A pair is two right-padded token sequences ``prompt + response`` of shape (B, T), with a
+  response mask of the same shape: ``mask[i, t] = 1`` when token t of row i is a response
+  token whose log-prob counts. Position 0 is never counted (nothing predicts it).
+* ``lw = sum_t mask_w[t] log pi(x_t | x_<t)``: summed response log-probs, prompt masked out.
+* A model is any callable ``model(input_ids, ...)`` returning logits (N, T, V) or an object
+  with ``.logits`` (Hugging Face). Hugging Face models get explicit per-row ``position_ids``
+  (N, T) and an ``attention_mask``, so padding never changes a row's numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gesim.errors import GesimError
+
+
+@dataclass
+class PairBatch:
+    """B preference pairs as padded token tensors; shapes (B, T) each (T may differ w / l)."""
+
+    chosen_ids: torch.Tensor
+    rejected_ids: torch.Tensor
+    chosen_mask: torch.Tensor
+    rejected_mask: torch.Tensor
+
+    def __post_init__(self):
+        for ids, mask, side in ((self.chosen_ids, self.chosen_mask, "chosen"),
+                                (self.rejected_ids, self.rejected_mask, "rejected")):
+            if ids.shape != mask.shape or ids.ndim != 2:
+                raise GesimError(f"{side} ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must be (B, T)")
+        if len(self.chosen_ids) != len(self.rejected_ids):
+            raise GesimError("chosen and rejected must hold the same number of pairs")
+
+    def __len__(self) -> int:
+        return len(self.chosen_ids)
+
+    def to(self, device) -> PairBatch:
+        return PairBatch(*(t.to(device) for t in (self.chosen_ids, self.rejected_ids,
+                                                   self.chosen_mask, self.rejected_mask)))
+
+    def pair(self, i: int) -> PairBatch:
+        """Pair i alone, trimmed to its own length (no padding)."""
+        return PairBatch(*(t[i:i + 1] for t in (self.chosen_ids, self.rejected_ids,
+                                                  self.chosen_mask, self.rejected_mask))).trimmed()
+
+    def trimmed(self) -> PairBatch:
+        """Drop padding columns beyond the last response token of every row."""
+        def cut(ids, mask):
+            last = int(mask.nonzero()[:, 1].max()) + 1 if mask.any() else 1
+            return ids[:, :last], mask[:, :last]
+        cw, mw = cut(self.chosen_ids, self.chosen_mask)
+        cl, ml = cut(self.rejected_ids, self.rejected_mask)
+        return PairBatch(cw, cl, mw, ml)
+
+    def stacked(self, pad_id: int = 0):
+        """Chosen rows then rejected rows, padded to one length: ids, mask, each (2B, T)."""
+        T = max(self.chosen_ids.shape[1], self.rejected_ids.shape[1])
+        pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)  # noqa: E731
+        ids = torch.cat([pad(self.chosen_ids, pad_id), pad(self.rejected_ids, pad_id)])
+        mask = torch.cat([pad(self.chosen_mask, 0), pad(self.rejected_mask, 0)])
+        return ids, mask
+
+
+def is_hf(model) -> bool:
+    """True for a Hugging Face ``PreTrainedModel`` (duck-typed, no import of transformers)."""
+    return hasattr(model, "config") and hasattr(model, "get_input_embeddings")
+
+
+def logits(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (N, T, V) of ``model`` on right-padded ``ids`` (N, T).
+
+    For Hugging Face models, an attention mask (real tokens: everything up to the last
+    response token of each row) and per-row position ids are passed explicitly.
+    """
+    if not is_hf(model):
+        return model(ids)
+    N, T = ids.shape
+    if mask is not None and mask.any():
+        last = torch.where(mask.bool(), torch.arange(T, device=ids.device), -1).max(dim=1).values
+        attention = (torch.arange(T, device=ids.device)[None, :] <= last[:, None]).long()
+    else:
+        attention = torch.ones_like(ids)
+    position_ids = torch.arange(T, device=ids.device).expand(N, T)
+    out = model(input_ids=ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
+    return out.logits
+
+
+def token_logps(logits_: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log pi(x_t | x_<t) at every position t >= 1, in float32 or wider; position 0 gets 0. (N, T)."""
+    logp = torch.log_softmax(logits_[:, :-1].float() if logits_.dtype in (torch.float16, torch.bfloat16)
+                             else logits_[:, :-1], dim=-1)
+    picked = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (N, T-1)
+    return torch.nn.functional.pad(picked, (1, 0))
+
+
+def response_logps(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed response log-probs (N,): sum_t mask[t] log pi(x_t | x_<t)."""
+    mask = mask.clone()
+    mask[:, 0] = 0
+    return (token_logps(logits(model, ids, mask), ids) * mask).sum(-1)
+
+
+def pair_logps(model, batch: PairBatch):
+    """(lw, ll), each (B,), in one forward pass over chosen and rejected together."""
+    ids, mask = batch.stacked()
+    s = response_logps(model, ids, mask)
+    return s[: len(batch)], s[len(batch):]

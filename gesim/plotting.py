@@ -1,0 +1,69 @@
+"""House style for gesim's figures: regime and loss colours, deterministic saving.
+
+Imports matplotlib with the non-interactive Agg backend; nothing below this module in the
+layering imports matplotlib.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from gesim import losses, regimes  # noqa: E402
+from gesim.output import atomic_write_bytes  # noqa: E402
+
+#: One colour per regime, in the order of :data:`gesim.regimes.REGIMES`.
+REGIME_COLORS = {
+    "ideal": "#4c9f70",
+    "both_down": "#d1495b",
+    "both_up": "#edae49",
+    "chosen_down_rejected_up": "#5b4b8a",
+    "stalled": "#bdbdbd",
+}
+REGIME_CMAP = ListedColormap([REGIME_COLORS[r] for r in regimes.REGIMES])
+
+STYLE = {
+    "figure.dpi": 110, "savefig.dpi": 150, "font.size": 9, "axes.titlesize": 9,
+    "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False,
+    "svg.hashsalt": "gesim", "pdf.fonttype": 42,
+}
+
+
+def loss_color(name: str):
+    """A stable colour per registered loss (registry order through tab20)."""
+    names = losses.names()
+    index = names.index(name) if name in names else hash(name)
+    return plt.get_cmap("tab20")(index % 20)
+
+
+def figure(nrows=1, ncols=1, width=6.0, height=4.0, **kwargs):
+    """A new figure in the house style: ``(fig, axes)``."""
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), **kwargs)
+    return fig, axes
+
+
+def save(fig, stem) -> list[Path]:
+    """Save ``fig`` as ``stem.png`` and ``stem.pdf``, atomically and without timestamps."""
+    paths = []
+    with plt.rc_context(STYLE):
+        for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, metadata=meta, bbox_inches="tight")
+            paths.append(atomic_write_bytes(Path(f"{stem}.{ext}"), buf.getvalue()))
+    plt.close(fig)
+    return paths
+
+
+def regime_legend(ax, **kwargs) -> None:
+    """A legend of the regime colours."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=c, label=r.replace("_", " ")) for r, c in REGIME_COLORS.items()]
+    ax.legend(handles=handles, **kwargs)
