@@ -35,6 +35,9 @@ class sigmoid(sp.Function):
     def _eval_rewrite_as_exp(self, x, **kwargs):
         return 1 / (1 + sp.exp(-x))
 
+    def _eval_evalf(self, prec):
+        return (1 / (1 + sp.exp(-self.args[0])))._eval_evalf(prec)
+
     def _latex(self, printer):
         return rf"\sigma\left({printer._print(self.args[0])}\right)"
 
@@ -49,6 +52,9 @@ class log_sigmoid(sp.Function):
     def _eval_rewrite_as_exp(self, x, **kwargs):
         return -sp.log(1 + sp.exp(-x))
 
+    def _eval_evalf(self, prec):
+        return (-sp.log(1 + sp.exp(-self.args[0])))._eval_evalf(prec)
+
     def _latex(self, printer):
         return rf"\log\sigma\left({printer._print(self.args[0])}\right)"
 
@@ -62,6 +68,9 @@ class relu(sp.Function):
 
     def _eval_rewrite_as_Max(self, x, **kwargs):
         return sp.Max(0, x)
+
+    def _eval_evalf(self, prec):
+        return sp.Max(0, self.args[0])._eval_evalf(prec)
 
     def _latex(self, printer):
         return rf"\left[{printer._print(self.args[0])}\right]_+"
@@ -103,8 +112,8 @@ class NumpyOps(Ops):
 class TorchOps(Ops):
     """torch; imported lazily so that ``import gesim`` never loads torch.
 
-    Python numbers are accepted (as ``torch.as_tensor``), so a loss may apply ``ops.log``
-    to a hyper-parameter.
+    Python numbers are accepted (as 0-d float64 tensors, which never up-cast a float32
+    argument), so a loss may apply ``ops.log`` to a hyper-parameter.
     """
 
     name = "torch"
@@ -121,7 +130,7 @@ class TorchOps(Ops):
             raise AttributeError(item)
 
         def op(*xs):
-            return fn(*(x if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.get_default_dtype())
+            return fn(*(x if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)
                         for x in xs))
         return op
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 from gesim.backends import BACKENDS
 from gesim.errors import GesimError, unknown
