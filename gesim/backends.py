@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import sympy as sp
+from scipy.special import expit
 
 
 class sigmoid(sp.Function):
@@ -98,7 +99,7 @@ class NumpyOps(Ops):
 
     @staticmethod
     def sigmoid(x):
-        return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=float)))
+        return expit(np.asarray(x, dtype=float))  # accurate in both tails, e.g. expit(-70) = 4e-31
 
     @staticmethod
     def log_sigmoid(x):

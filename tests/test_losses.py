@@ -183,3 +183,44 @@ def test_user_loss_in_five_lines_gets_its_conditions():
         assert "user_sq" in symbolic.table(fmt="markdown")
     finally:
         gesim.losses.unregister("user_sq")
+
+
+# ---- property test over losses and their parameter ranges ------------------------------------
+
+def param_values(name):
+    """A hypothesis strategy for a loss's parameters, inside their registered ranges."""
+    from hypothesis import strategies as st
+
+    loss = losses.get(name)
+    fields = {}
+    for key, rng in loss.ranges.items():
+        lo = max(rng.low, -5.0) + (0 if rng.low_closed else 1e-3)
+        hi = min(rng.high, 5.0) - (0 if rng.high_closed else 1e-3)
+        fields[key] = st.floats(lo, hi, allow_nan=False)
+    return st.fixed_dictionaries(fields)
+
+
+def _loss_and_params():
+    from hypothesis import strategies as st
+
+    return st.sampled_from(ALL).flatmap(lambda n: st.tuples(st.just(n), param_values(n)))
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(case=_loss_and_params(), seed=st.integers(0, 10**6))
+def test_property_weights_equal_autograd_for_any_parameters(case, seed):
+    name, params = case
+    loss, d = losses.get(name), symbolic.derive(name)
+    (pt,) = random_points(seed, 1)
+    lw = torch.tensor(pt["lw"], dtype=torch.float64, requires_grad=True)
+    ll = torch.tensor(pt["ll"], dtype=torch.float64, requires_grad=True)
+    rest = [torch.tensor(pt[k], dtype=torch.float64) for k in ("lw_ref", "ll_ref", "len_w", "len_l")]
+    value = loss("torch", lw, ll, *rest, **params)
+    g_lw, g_ll = torch.autograd.grad(value, (lw, ll))
+    assert float(value) == pytest.approx(float(loss("numpy", **pt, **params)), rel=1e-9, abs=1e-9)
+    d_w, d_l = d.weights(**pt, **params)
+    assert float(d_w) == pytest.approx(-float(g_lw), rel=1e-8, abs=1e-10)
+    assert float(d_l) == pytest.approx(float(g_ll), rel=1e-8, abs=1e-10)
