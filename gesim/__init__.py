@@ -4,8 +4,8 @@ Importing gesim loads numpy and sympy only; torch and matplotlib load when a mod
 needs them is used.
 """
 
-from gesim import losses, regimes, symbolic
+from gesim import dynamics, losses, regimes, symbolic
 from gesim.errors import GesimError
 
 __version__ = "0.1.0"
-__all__ = ["losses", "symbolic", "regimes", "GesimError", "__version__"]
+__all__ = ["losses", "symbolic", "dynamics", "regimes", "GesimError", "__version__"]
