@@ -1,0 +1,139 @@
+"""Preference pairs with controlled structure, as padded token-id arrays.
+
+A pair is (chosen y_w, rejected y_l) built from three blocks::
+
+    y_w = prefix + diff_w + suffix,     y_l = prefix + diff_l + suffix
+
+a shared prefix (length ``prefix``), a differing block (lengths ``differ_w``, ``differ_l``;
+every position of the overlap differs, so with equal lengths the Hamming distance is
+``differ``) and a shared suffix (length ``suffix``), optionally followed by unshared tails
+(``tail_w``, ``tail_l``). Unequal ``differ_w`` / ``differ_l`` or tails give unequal lengths. :func:`hamming` places
+``distance`` differing tokens anywhere in equal-length responses; :func:`sentiment` builds the
+three structures of the paper's sentiment study (`1t`, `short-suffix`, `long-suffix`).
+
+Arrays are right-padded (pad id 0, masked out) like :class:`gesim.lm.PairBatch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gesim.errors import GesimError, unknown
+
+#: The paper's sentiment-study structures: (prefix, differ, suffix).
+SENTIMENT = {"1t": (0, 1, 0), "short-suffix": (0, 1, 3), "long-suffix": (0, 1, 24)}
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """N pairs: ids (N, T) int64 right-padded, masks (N, T) float (1 on response tokens)."""
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    mask_w: np.ndarray
+    mask_l: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return self.chosen.shape[0]
+
+    @property
+    def len_w(self) -> np.ndarray:
+        return self.mask_w.sum(-1)
+
+    @property
+    def len_l(self) -> np.ndarray:
+        return self.mask_l.sum(-1)
+
+    def hamming(self) -> np.ndarray:
+        """Positions where the two responses differ (pads count if only one side has a token)."""
+        both = (self.mask_w > 0) & (self.mask_l > 0)
+        return ((self.chosen != self.rejected) & both).sum(-1) + np.abs(self.len_w - self.len_l).astype(int)
+
+    def take(self, idx) -> Pairs:
+        return Pairs(self.chosen[idx], self.rejected[idx], self.mask_w[idx], self.mask_l[idx])
+
+
+def _check(vocab, **lengths):
+    if int(vocab) < 2:
+        raise GesimError(f"vocab must be at least 2 to make two different tokens, got {vocab}")
+    for name, value in lengths.items():
+        if int(value) != value or value < 0:
+            raise GesimError(f"{name} must be a non-negative integer, got {value}")
+
+
+def _distinct(rng, vocab, shape, avoid):
+    """Random tokens in [1, vocab) different from ``avoid`` elementwise (pad 0 never drawn)."""
+    if vocab < 3:
+        raise GesimError("vocab must be at least 3 for differing tokens (id 0 is the pad)")
+    tok = rng.integers(1, vocab - 1, size=shape)
+    return np.where(tok >= avoid, tok + 1, tok)
+
+
+def blocks(rng, n, vocab, *, prefix=0, differ=1, suffix=0, differ_w=None, differ_l=None, tail_w=0,
+           tail_l=0) -> Pairs:
+    """``n`` pairs: shared prefix, differing block (lengths differ_w, differ_l), shared suffix,
+    then unshared tails of lengths ``tail_w``, ``tail_l`` (unequal lengths at an aligned suffix)."""
+    differ_w = differ if differ_w is None else differ_w
+    differ_l = differ if differ_l is None else differ_l
+    _check(vocab, prefix=prefix, suffix=suffix, differ_w=differ_w, differ_l=differ_l, tail_w=tail_w,
+           tail_l=tail_l)
+    if prefix + differ_w + suffix == 0 or prefix + differ_l + suffix == 0:
+        raise GesimError("each response needs at least one token (prefix + differ + suffix > 0)")
+    pre = rng.integers(1, vocab, size=(n, prefix))
+    dw = rng.integers(1, vocab, size=(n, differ_w))
+    k = min(differ_w, differ_l)
+    dl = np.concatenate([_distinct(rng, vocab, (n, k), dw[:, :k]),
+                         rng.integers(1, vocab, size=(n, differ_l - k))], axis=1)
+    suf = rng.integers(1, vocab, size=(n, suffix))
+    yw = np.concatenate([pre, dw, suf, rng.integers(1, vocab, size=(n, tail_w))], axis=1)
+    yl = np.concatenate([pre, dl, suf, rng.integers(1, vocab, size=(n, tail_l))], axis=1)
+    return _pad(yw, yl)
+
+
+def _pad(yw, yl) -> Pairs:
+    n, T = yw.shape[0], max(yw.shape[1], yl.shape[1])
+    out = []
+    for y in (yw, yl):
+        ids = np.zeros((n, T), dtype=np.int64)
+        ids[:, : y.shape[1]] = y
+        mask = np.zeros((n, T))
+        mask[:, : y.shape[1]] = 1.0
+        out.append((ids, mask))
+    return Pairs(out[0][0], out[1][0], out[0][1], out[1][1])
+
+
+def hamming(rng, n, vocab, length, distance, where="random") -> Pairs:
+    """Equal-length pairs differing at exactly ``distance`` positions.
+
+    ``where``: 'random' (positions drawn per pair), 'start' or 'end' (a contiguous block).
+    """
+    _check(vocab, length=length, distance=distance)
+    if distance > length or length == 0:
+        raise GesimError(f"distance must be between 0 and length={length}, got {distance}")
+    yw = rng.integers(1, vocab, size=(n, length))
+    if where == "random":
+        pos = np.argsort(rng.random((n, length)), axis=1)[:, :distance]
+        diff = np.zeros((n, length), bool)
+        np.put_along_axis(diff, pos, True, axis=1)
+    elif where in ("start", "end"):
+        diff = np.zeros((n, length), bool)
+        if where == "start":
+            diff[:, :distance] = True
+        else:
+            diff[:, length - distance:] = True
+    else:
+        raise unknown("position rule", where, ("random", "start", "end"))
+    yl = np.where(diff, _distinct(rng, vocab, (n, length), yw), yw)
+    return _pad(yw, yl)
+
+
+def sentiment(rng, n, vocab, kind) -> Pairs:
+    """The paper's sentiment structures: '1t' (one differing token), 'short-suffix' (a
+    differing token then 3 shared tokens), 'long-suffix' (then 24 shared tokens)."""
+    if kind not in SENTIMENT:
+        raise unknown("sentiment structure", kind, SENTIMENT)
+    prefix, differ, suffix = SENTIMENT[kind]
+    return blocks(rng, n, vocab, prefix=prefix, differ=differ, suffix=suffix)

@@ -1,0 +1,262 @@
+"""Preference optimisation on synthetic policies, many independent instances at once.
+
+Each instance is one policy (its own W) trained on one pair with a registered loss. Per step
+the engine records (theory.md sections 2-3):
+
+* lw, ll, the margin lw - ll, the loss weights d_w, d_l (from :func:`gesim.symbolic.derive`);
+* the geometry ip, nw2, nl2 (P-weighted by the optimiser's preconditioner, as the prediction
+  needs) and cos of the plain gradients (a P-weighted cosine is dominated by coordinates
+  where Adam's second moment vanishes, so it says little);
+* the predicted first-order changes delta_lw = eta (d_w nw2 - d_l ip) + <g_w, rest>,
+  delta_ll = eta (d_w ip - d_l nl2) + <g_l, rest> (:func:`gesim.regimes.first_order`);
+* the realised changes (log-probs recomputed after the step) and both regimes.
+
+Gradients are the closed forms of :mod:`gesim.policies.linear`, batched in torch over
+instances (in chunks of ``chunk`` to bound memory). :func:`simulate_loop` is the plain
+per-instance reference (torch autograd, the registry's torch loss), used by the tests and
+the benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gesim import dynamics, losses, policies, regimes, symbolic
+from gesim.errors import GesimError
+from gesim.simulate import optim
+
+FIELDS = ("lw", "ll", "margin", "d_w", "d_l", "ip", "nw2", "nl2", "cos", "pred_dlw", "pred_dll",
+          "real_dlw", "real_dll", "pred_regime", "real_regime")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulation: policy, pair structure, loss, optimiser, size and seed."""
+
+    policy: str = "context"
+    loss: str = "dpo"
+    params: dict = field(default_factory=dict)
+    instances: int = 400
+    steps: int = 5
+    eta: float = 0.1
+    optimizer: str = "sgd"
+    seed: int = 0
+    vocab: int = 64
+    dim: int = 32
+    prefix: int = 0
+    differ: int = 1
+    differ_w: int | None = None
+    differ_l: int | None = None
+    suffix: int = 0
+    tail_w: int = 0
+    tail_l: int = 0
+    chunk: int = 500
+    dtype: str = "float64"
+
+    @classmethod
+    def fast(cls, **overrides) -> SimConfig:
+        return dataclasses.replace(cls(), **overrides)
+
+    @classmethod
+    def full(cls, **overrides) -> SimConfig:
+        return dataclasses.replace(cls(instances=4000, steps=20, vocab=256, dim=64), **overrides)
+
+    def make_policy(self):
+        if self.policy == "context":
+            return policies.make("context", vocab=self.vocab, dim=self.dim)
+        if self.policy == "single_token":
+            return policies.make("single_token", vocab=self.vocab, dim=self.dim)
+        return policies.make(self.policy, vocab=self.vocab)
+
+    def check(self) -> None:
+        losses.get(self.loss).params(**self.params)
+        optim.make(self.optimizer, self.eta)
+        self.make_policy()
+        for name in ("instances", "steps", "chunk"):
+            if int(getattr(self, name)) < 1:
+                raise GesimError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.dtype not in ("float64", "float32"):
+            raise GesimError(f"dtype must be float64 or float32, got {self.dtype!r}")
+        if self.policy == "single_token" and (self.prefix or self.suffix or self.differ != 1 or self.tail_w
+                                              or self.tail_l
+                                              or (self.differ_w or 1) != 1 or (self.differ_l or 1) != 1):
+            raise GesimError("the single_token policy has one-token responses: use prefix=0, differ=1, "
+                             "suffix=0")
+
+
+@dataclass
+class SimResult:
+    """Arrays (steps, N) for every name in :data:`FIELDS`, plus the config."""
+
+    config: SimConfig
+    arrays: dict
+
+    def summary(self) -> dict:
+        """Fractions over instance-steps: mean cos, P(chosen down), P(rejected up), agreement."""
+        a = self.arrays
+        return {
+            "instances": self.config.instances, "steps": self.config.steps,
+            "mean_cos": float(np.nanmean(a["cos"])),
+            "p_chosen_down": float(np.mean(a["real_dlw"] < 0)),
+            "p_rejected_up": float(np.mean(a["real_dll"] > 0)),
+            "regime_agreement": float(np.mean(a["pred_regime"] == a["real_regime"])),
+            "predicted_regimes": regimes.fractions(a["pred_regime"]),
+            "realised_regimes": regimes.fractions(a["real_regime"]),
+        }
+
+    def records(self) -> list[dict]:
+        """Tidy records, one per (step, instance): pandas.DataFrame(result.records())."""
+        a = self.arrays
+        S, N = a["lw"].shape
+        names = np.asarray(regimes.REGIMES)
+        cols = {k: (names[a[k]] if k.endswith("regime") else a[k]).ravel().tolist() for k in FIELDS}
+        step, inst = np.meshgrid(np.arange(S), np.arange(N), indexing="ij")
+        cols = {"step": step.ravel().tolist(), "instance": inst.ravel().tolist(), **cols}
+        return [dict(zip(cols, row)) for row in zip(*cols.values())]
+
+
+def make_data(cfg: SimConfig, start: int, n: int):
+    """Policy instances and pairs for instances [start, start + n): deterministic in (seed, start)."""
+    rng = np.random.default_rng([cfg.seed, start])
+    shared = np.random.default_rng([cfg.seed, 2**31 - 1])
+    pol = cfg.make_policy()
+    pairs = policies.pairs.blocks(rng, n, cfg.vocab, prefix=cfg.prefix, differ=cfg.differ, suffix=cfg.suffix,
+                                  differ_w=cfg.differ_w, differ_l=cfg.differ_l, tail_w=cfg.tail_w,
+                                  tail_l=cfg.tail_l)
+    inst = pol.init(rng, n, pairs.chosen.shape[1], dtype=getattr(torch, cfg.dtype), shared_rng=shared)
+    return pol, inst, pairs
+
+
+def _tensors(pairs, dtype):
+    t = lambda a, dt: torch.as_tensor(a, dtype=dt)  # noqa: E731
+    return (t(pairs.chosen, torch.long), t(pairs.mask_w, dtype), t(pairs.rejected, torch.long),
+            t(pairs.mask_l, dtype))
+
+
+def run_chunk(cfg: SimConfig, pol, inst, pairs, bar=None) -> dict:
+    """Simulate the instances ``inst`` on ``pairs`` (vectorised); arrays (steps, n)."""
+    dtype = inst.W0.dtype
+    yw, mw, yl, ml = _tensors(pairs, dtype)
+    H_w, H_l = pol.features(inst, yw), pol.features(inst, yl)  # (n, T, d)
+    W = inst.W0.clone()
+    deriv, params = symbolic.derive(cfg.loss), losses.get(cfg.loss).params(**cfg.params)
+    rule = optim.make(cfg.optimizer, cfg.eta)
+    len_w, len_l = pairs.len_w, pairs.len_l
+    lw, g_w = policies.grad(W, H_w, yw, mw)
+    ll, g_l = policies.grad(W, H_l, yl, ml)
+    lw_ref, ll_ref = lw.double().numpy().copy(), ll.double().numpy().copy()
+    out = {k: [] for k in FIELDS}
+    for _ in range(cfg.steps):
+        lw_np, ll_np = lw.double().numpy(), ll.double().numpy()
+        d_w, d_l = (np.array(x) for x in deriv.weights(lw_np, ll_np, lw_ref, ll_ref, len_w, len_l, **params))
+        tw, tl = torch.as_tensor(d_w, dtype=dtype), torch.as_tensor(d_l, dtype=dtype)
+        upd = rule.step(g_w, g_l, tw, tl)
+        ip, nw2, nl2 = (x.double().numpy() for x in optim.geometry(g_w, g_l, upd.precond))
+        raw = (ip, nw2, nl2) if upd.precond is None else (x.double().numpy() for x in optim.geometry(g_w, g_l))
+        cos = dynamics.cos_rho(*raw)["cos"]
+        pred_dlw, pred_dll = regimes.first_order(d_w, d_l, ip, nw2, nl2, cfg.eta)
+        if upd.rest is not None:
+            dims = tuple(range(1, g_w.dim()))
+            pred_dlw = pred_dlw + (g_w * upd.rest).sum(dims).double().numpy()
+            pred_dll = pred_dll + (g_l * upd.rest).sum(dims).double().numpy()
+        W += upd.u
+        lw_new, g_w = policies.grad(W, H_w, yw, mw)
+        ll_new, g_l = policies.grad(W, H_l, yl, ml)
+        real_dlw = (lw_new - lw).double().numpy()
+        real_dll = (ll_new - ll).double().numpy()
+        row = {"lw": lw_np, "ll": ll_np, "margin": lw_np - ll_np, "d_w": d_w, "d_l": d_l, "ip": ip,
+               "nw2": nw2, "nl2": nl2, "cos": cos, "pred_dlw": pred_dlw, "pred_dll": pred_dll,
+               "real_dlw": real_dlw, "real_dll": real_dll,
+               "pred_regime": regimes.regime_codes(pred_dlw, pred_dll, d_w, d_l),
+               "real_regime": regimes.regime_codes(real_dlw, real_dll, d_w, d_l)}
+        for k in FIELDS:
+            out[k].append(np.array(row[k], copy=True))
+        lw, ll = lw_new, ll_new
+        if bar is not None:
+            bar.update(len(lw))
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def simulate(cfg: SimConfig, progress: bool = False) -> SimResult:
+    """Run ``cfg``: all instances in chunks, vectorised; a tqdm bar on stderr if ``progress``."""
+    from tqdm.auto import tqdm
+
+    cfg.check()
+    parts = []
+    with torch.no_grad(), tqdm(total=cfg.instances * cfg.steps, disable=not progress, unit="inst-step",
+                               desc=f"simulate {cfg.policy}/{cfg.loss}") as bar:
+        for start in range(0, cfg.instances, cfg.chunk):
+            n = min(cfg.chunk, cfg.instances - start)
+            pol, inst, pairs = make_data(cfg, start, n)
+            parts.append(run_chunk(cfg, pol, inst, pairs, bar))
+    return SimResult(cfg, {k: np.concatenate([p[k] for p in parts], axis=1) for k in FIELDS})
+
+
+def simulate_loop(cfg: SimConfig, instances=None) -> SimResult:
+    """The plain reference: one instance at a time, torch autograd through the registry's loss.
+
+    Same data as :func:`simulate` (same chunks), but every gradient comes from autograd of
+    log_softmax and every weight d_w = -dL/dlw, d_l = dL/dll from autograd of
+    ``gesim.losses.get(loss)("torch", ...)``. ``instances``: how many to run (default all).
+    """
+    cfg.check()
+    total = cfg.instances if instances is None else min(instances, cfg.instances)
+    loss = losses.get(cfg.loss)
+    params = loss.params(**cfg.params)
+    cols = []
+    for start in range(0, total, cfg.chunk):
+        n = min(cfg.chunk, total - start)
+        pol, inst, pairs = make_data(cfg, start, n)
+        for i in range(n):
+            cols.append(_one(cfg, pol, inst.take([i]), pairs.take([i]), loss, params))
+    return SimResult(dataclasses.replace(cfg, instances=total),
+                     {k: np.stack([c[k] for c in cols], axis=1) for k in FIELDS})
+
+
+def _one(cfg, pol, inst, pair, loss, params) -> dict:
+    dtype = inst.W0.dtype
+    yw, mw, yl, ml = _tensors(pair, dtype)
+    H_w, H_l = pol.features(inst, yw), pol.features(inst, yl)
+    W = inst.W0.clone().requires_grad_(True)
+    rule = optim.make(cfg.optimizer, cfg.eta)
+    len_w, len_l = float(pair.len_w[0]), float(pair.len_l[0])
+
+    def forward(W):
+        W = W.detach().requires_grad_(True)
+        lw = policies.logps(W, H_w, yw, mw)[0]
+        ll = policies.logps(W, H_l, yl, ml)[0]
+        g_w, = torch.autograd.grad(lw, W)
+        g_l, = torch.autograd.grad(ll, W)
+        return lw.detach(), ll.detach(), g_w, g_l
+
+    lw, ll, g_w, g_l = forward(W)
+    lw_ref, ll_ref = float(lw), float(ll)
+    rows = []
+    for _ in range(cfg.steps):
+        a = lw.clone().requires_grad_(True)
+        b = ll.clone().requires_grad_(True)
+        L = loss("torch", a, b, lw_ref, ll_ref, len_w, len_l, **params)
+        dLa, dLb = torch.autograd.grad(L, (a, b), allow_unused=True)
+        d_w = -float(dLa) if dLa is not None else 0.0
+        d_l = float(dLb) if dLb is not None else 0.0
+        upd = rule.step(g_w, g_l, torch.tensor([d_w], dtype=dtype), torch.tensor([d_l], dtype=dtype))
+        P = torch.ones_like(g_w) if upd.precond is None else upd.precond
+        rest = torch.zeros_like(g_w) if upd.rest is None else upd.rest
+        ip, nw2, nl2 = float((P * g_w * g_l).sum()), float((P * g_w * g_w).sum()), float((P * g_l * g_l).sum())
+        ip0, nw20, nl20 = float((g_w * g_l).sum()), float((g_w * g_w).sum()), float((g_l * g_l).sum())
+        pred_dlw = cfg.eta * (d_w * nw2 - d_l * ip) + float((g_w * rest).sum())
+        pred_dll = cfg.eta * (d_w * ip - d_l * nl2) + float((g_l * rest).sum())
+        lw_new, ll_new, g_w, g_l = forward(W.detach() + upd.u)
+        W = W.detach() + upd.u
+        real_dlw, real_dll = float(lw_new - lw), float(ll_new - ll)
+        rows.append({"lw": float(lw), "ll": float(ll), "margin": float(lw - ll), "d_w": d_w, "d_l": d_l,
+                     "ip": ip, "nw2": nw2, "nl2": nl2, "cos": ip0 / np.sqrt(nw20 * nl20) if nw20 * nl20 > 0 else np.nan,
+                     "pred_dlw": pred_dlw, "pred_dll": pred_dll, "real_dlw": real_dlw, "real_dll": real_dll,
+                     "pred_regime": int(regimes.regime_codes(pred_dlw, pred_dll, d_w, d_l)),
+                     "real_regime": int(regimes.regime_codes(real_dlw, real_dll, d_w, d_l))})
+        lw, ll = lw_new, ll_new
+    return {k: np.array([r[k] for r in rows]) for k in FIELDS}

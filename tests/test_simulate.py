@@ -1,0 +1,149 @@
+"""The simulator: fast path = plain loop, first-order agreement, determinism, sweeps, command line."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from gesim import losses
+from gesim.cli import main
+from gesim.errors import GesimError
+from gesim.simulate import FIELDS, SimConfig, simulate, simulate_loop, sweeps
+
+SMALL = SimConfig(instances=60, steps=3, vocab=24, dim=8, suffix=6)
+
+
+@pytest.mark.parametrize("policy, optimizer, loss", [
+    ("context", "sgd", "dpo"), ("context", "adam", "simpo"), ("free_logits", "sgd", "ipo"),
+    ("free_logits", "adam", "dpo"), ("single_token", "sgd", "cpo")])
+def test_vectorised_results_equal_the_per_instance_autograd_loop(policy, optimizer, loss):
+    suffix = 0 if policy == "single_token" else 3
+    cfg = dataclasses.replace(SMALL, policy=policy, optimizer=optimizer, loss=loss, instances=4, chunk=3,
+                              suffix=suffix, differ_l=None if policy == "single_token" else 2, eta=0.05)
+    fast, plain = simulate(cfg).arrays, simulate_loop(cfg).arrays
+    for key in FIELDS:
+        np.testing.assert_allclose(fast[key], plain[key], rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+def test_determinism_under_seed():
+    a, b = simulate(SMALL).arrays, simulate(SMALL).arrays
+    c = simulate(dataclasses.replace(SMALL, seed=1)).arrays
+    for key in FIELDS:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.allclose(a["ip"], c["ip"])
+
+
+@pytest.mark.parametrize("optimizer, eta", [("sgd", 1e-3), ("adam", 1e-4)])
+def test_regime_agreement_at_small_eta_for_every_loss(optimizer, eta):
+    """theory.md prediction 2: realised signs match the first-order regime for every loss.
+
+    Points with a weight exactly zero (Heaviside kinks) are 'stalled' in both prediction and
+    realisation, so they are counted honestly, not dropped."""
+    cfg = dataclasses.replace(SMALL, instances=100, steps=2, eta=eta, optimizer=optimizer, suffix=8)
+    low = {}
+    for name in losses.names():
+        s = simulate(dataclasses.replace(cfg, loss=name)).summary()
+        if s["regime_agreement"] < 0.99:
+            low[name] = s["regime_agreement"]
+    assert not low
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_first_order_error_shrinks_like_eta_squared(optimizer):
+    """theory.md prediction 1 (and section 3 for Adam's preconditioned products)."""
+    out = sweeps.eta_sweep(dataclasses.replace(SMALL, optimizer=optimizer), [1e-4, 1e-3, 1e-2])
+    assert out["slope"] == pytest.approx(2.0, abs=0.15)
+    assert out["rows"][0]["median_relative_error"] < 1e-3
+
+
+def test_adam_first_order_uses_the_preconditioned_inner_products():
+    """With Adam, the plain ip/nw2/nl2 mispredict the realised change; the P-weighted ones do not."""
+    import torch
+
+    from gesim import policies
+    from gesim.simulate import engine, optim
+
+    cfg = dataclasses.replace(SMALL, optimizer="adam", eta=1e-5, instances=50)
+    pol, inst, pairs = engine.make_data(cfg, 0, cfg.instances)
+    yw, mw, yl, ml = engine._tensors(pairs, torch.float64)
+    H_w, H_l = pol.features(inst, yw), pol.features(inst, yl)
+    lw, g_w = policies.grad(inst.W0, H_w, yw, mw)
+    ll, g_l = policies.grad(inst.W0, H_l, yl, ml)
+    d = torch.ones(cfg.instances, dtype=torch.float64) * 0.05
+    upd = optim.make("adam", cfg.eta).step(g_w, g_l, d, d)
+    real = (policies.logps(inst.W0 + upd.u, H_w, yw, mw) - lw).numpy()
+    ip, nw2, _ = (x.numpy() for x in optim.geometry(g_w, g_l, upd.precond))
+    ip0, nw20, _ = (x.numpy() for x in optim.geometry(g_w, g_l))
+    pred = cfg.eta * 0.05 * (nw2 - ip)
+    plain = cfg.eta * 0.05 * (nw20 - ip0)
+    np.testing.assert_allclose(real, pred, rtol=1e-3)
+    assert np.median(np.abs(plain - real) / np.abs(real)) > 0.1
+
+
+def test_context_policy_cos_and_chosen_down_grow_with_shared_suffix():
+    """theory.md prediction 10: mean cos and P(chosen down) grow with the shared-suffix length."""
+    rows = sweeps.suffix_sweep(SimConfig(instances=400, steps=1), [0, 2, 8, 32])
+    cos = [r["mean_cos"] for r in rows]
+    assert all(a < b for a, b in zip(cos, cos[1:]))
+    assert rows[-1]["p_chosen_down"] > rows[0]["p_chosen_down"] == 0.0
+    assert all(r["regime_agreement"] >= 0.99 for r in rows)
+
+
+def test_single_token_dpo_never_moves_chosen_down_or_rejected_up():
+    s = simulate(SimConfig(policy="single_token", instances=500, steps=5, eta=0.5, vocab=16, dim=8)).summary()
+    assert s["p_chosen_down"] == 0 and s["p_rejected_up"] == 0 and s["realised_regimes"]["ideal"] == 1.0
+
+
+def test_simpo_weight_ratio_is_the_length_ratio():
+    """theory.md prediction 6: for SimPO, k = d_w / d_l = len_l / len_w."""
+    rows = sweeps.length_ratio_sweep(dataclasses.replace(SMALL, loss="simpo", instances=20, steps=1), gaps=(-2, 0, 3))
+    for r in rows:
+        assert r["median_k"] == pytest.approx(r["len_l"] / r["len_w"], rel=1e-9)
+
+
+def test_records_are_tidy():
+    pd = pytest.importorskip("pandas")
+    res = simulate(dataclasses.replace(SMALL, instances=5, steps=2))
+    df = pd.DataFrame(res.records())
+    assert len(df) == 10 and {"step", "instance", *FIELDS} <= set(df.columns)
+    assert set(df["pred_regime"]) <= {"ideal", "both_down", "both_up", "chosen_down_rejected_up", "stalled"}
+    np.testing.assert_allclose(df["margin"], df["lw"] - df["ll"])
+
+
+def test_boundary_separates_simulated_regimes():
+    """Points on the chosen-up side of the symbolic boundary rho = cos / k are realised chosen up."""
+    pts = sweeps.regime_points(dataclasses.replace(SMALL, instances=80, steps=1, eta=1e-3), suffixes=(0, 8, 32))
+    rho_c, _ = sweeps.boundary(pts["k"], pts["cos"])
+    chosen_up_pred = ~(pts["cos"] > 0) | (pts["rho"] > rho_c)
+    chosen_down_real = np.isin(pts["real_regime"], [1, 3])  # both_down, chosen_down_rejected_up
+    assert np.mean(chosen_up_pred != chosen_down_real) >= 0.99
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (SimConfig(loss="nope"), "unknown loss"), (SimConfig(optimizer="lion"), "unknown optimizer"),
+    (SimConfig(eta=-1.0), "eta"), (SimConfig(policy="single_token", suffix=3), "one-token"),
+    (SimConfig(instances=0), "instances"), (SimConfig(params={"beta": -1}), "out of range")])
+def test_bad_config_raises_gesim_error(cfg, match):
+    with pytest.raises(GesimError, match=match):
+        simulate(cfg)
+
+
+def test_cli_simulate_json(capsys):
+    assert main(["simulate", "--policy", "context", "--suffix", "0,32", "--instances", "200", "--steps", "1",
+                 "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["suffix"] for r in rows] == [0, 32]
+    for r in rows:
+        assert {"suffix", "instances", "mean_cos", "p_chosen_down", "p_rejected_up", "regime_agreement"} <= set(r)
+    assert rows[1]["mean_cos"] > rows[0]["mean_cos"]
+    assert main(["simulate", "--policy", "single_token", "--instances", "100", "--format", "json"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    assert r["p_chosen_down"] == 0 and r["p_rejected_up"] == 0
+
+
+def test_cli_simulate_bad_input_is_one_line(capsys):
+    assert main(["simulate", "--loss", "dpo_x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown loss 'dpo_x'" in err and "simpo" in err
+    assert main(["simulate", "--policy", "single_token", "--suffix", "2"]) == 2
