@@ -1,0 +1,59 @@
+"""``python -m gesim probe``: exact per-pair gradient geometry of a saved model on preference data.
+
+One CSV row per pair (index, len_w, len_l, lw, ll, ip, nw2, nl2, cos, ches, ln_ches and the
+predicted regime under each ``--loss``, policy = reference); a summary (means, regime
+fractions, skip and truncation counts) as text or JSON. Under ``torch.distributed.run`` the
+pairs are sharded over the processes and rank 0 gathers and writes everything.
+
+Scaling out
+-----------
+* Several processes (CPU, gloo)::
+
+      python -m torch.distributed.run --nproc-per-node 2 -m gesim probe --model DIR --data pairs.jsonl --out o.csv
+
+* Several GPUs (one process per GPU; each loads the model on ``cuda:LOCAL_RANK``; set
+  ``GESIM_NCCL=1`` to use NCCL for the final gather, gloo works too, the gather is tiny)::
+
+      GESIM_NCCL=1 python -m torch.distributed.run --nproc-per-node 8 -m gesim probe \
+          --model DIR --data pairs.jsonl --device cuda --dtype bfloat16 --batch-size 16 --out o.csv
+
+  ``accelerate launch -m gesim probe ...`` sets the same environment variables and works alike.
+* Models too large for one GPU at full parameters: probe a subset (``--params lora`` on a PEFT
+  adapter directory, or ``--params REGEX`` for, e.g., the last blocks), use ``--dtype bfloat16``
+  (the Grams are still accumulated in fp32), and lower ``--batch-size``/``--max-length``. The
+  probe keeps no per-sample parameter gradients (no B x P tensor) and no weight gradients, so
+  its peak memory is close to one training step; a model that does not fit for one training step
+  on one device needs model sharding, which this command does not do.
+"""
+
+from __future__ import annotations
+
+from gesim.cli.options import add_format_option, positive_int
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("probe", help="measure <g_w,g_l>, |g_w|^2, |g_l|^2 per pair on a real model",
+                       description="Exact per-pair gradient geometry (one forward, one backward per batch) "
+                       "and the predicted regime per loss. MODEL is a save_pretrained directory (model and "
+                       "tokenizer, or a PEFT adapter), loaded offline. Under torch.distributed.run the pairs are "
+                       "sharded over processes and one CSV is gathered.")
+    p.add_argument("--model", required=True, metavar="DIR", help="directory written by save_pretrained")
+    p.add_argument("--data", required=True, metavar="FILE", help="JSONL, JSON, Parquet or a saved datasets dir")
+    p.add_argument("--out", metavar="FILE.csv", help="write the per-pair CSV here (atomically)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="pairs per batch (default 8)")
+    p.add_argument("--max-length", type=positive_int, default=512, help="truncate responses beyond this (default 512)")
+    p.add_argument("--params", default="all", metavar="all|lora|REGEX",
+                   help="parameters: all trainable, LoRA factors, or names matching REGEX (default all)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--loss", action="append", metavar="NAME", help="loss(es) to predict regimes for (default dpo)")
+    p.add_argument("--token-gram", type=int, default=0, metavar="K",
+                   help="also compute token Grams for the first K pairs (summary; .npz next to --out)")
+    p.add_argument("--backend", choices=("fast", "func", "reference"), default="fast", help="probe backend")
+    add_format_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from gesim.probe.runner import run_probe
+    return run_probe(args)

@@ -1,0 +1,144 @@
+"""The probe's public functions: :func:`pair_stats`, :func:`token_gram`, :func:`ches`.
+
+Notation (theory.md section 5, probe.md): for pair b, ``S_w = lw`` and ``S_l = ll`` are the
+summed response log-probs, ``g_w = grad S_w`` and ``g_l = grad S_l`` over the selected
+parameters; ``ip = <g_w, P g_l>``, ``nw2 = <g_w, P g_w>``, ``nl2 = <g_l, P g_l>`` with P a
+diagonal preconditioner (identity by default), ``cos = ip / sqrt(nw2 nl2)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gesim import lm
+from gesim.errors import GesimError, unknown
+
+BACKENDS = ("auto", "fast", "func", "reference")
+
+
+def pair_stats(model, batch: lm.PairBatch, params="all", backend: str = "auto", precond=None,
+               per_layer: bool = False) -> dict[str, torch.Tensor]:
+    """Per pair (each (B,)): ``ip``, ``nw2``, ``nl2``, ``cos``, ``lw``, ``ll``.
+
+    ``params``: ``"all"`` trainable parameters, ``"lora"`` (names containing ``lora_``) or a
+    predicate ``f(name, param)``. ``backend``: ``"fast"`` (one forward, one backward with
+    respect to activations; ghost or materialised products per layer), ``"func"``
+    (torch.func per-sample gradients), ``"reference"`` (one pair at a time, two backward
+    passes) or ``"auto"`` (= fast). ``precond``: optional ``{parameter: tensor of its shape}``
+    diagonal preconditioner P. ``per_layer=True`` adds ``"layers"``: {module use name:
+    {"ip", "nw2", "nl2"}} (fast backend only).
+    """
+    if backend not in BACKENDS:
+        raise unknown("probe backend", backend, BACKENDS)
+    if len(batch) == 0:
+        raise GesimError("pair_stats: the batch holds no pair")
+    was_training = model.training
+    model.eval()
+    try:
+        if backend == "reference":
+            if per_layer:
+                raise GesimError("per_layer=True needs the 'fast' backend")
+            from gesim.probe.reference import reference_pair_stats
+            return reference_pair_stats(model, batch, params, precond=precond)
+        if backend == "func":
+            if per_layer:
+                raise GesimError("per_layer=True needs the 'fast' backend")
+            from gesim.probe.func import func_pair_stats
+            return func_pair_stats(model, batch, params, precond=precond)
+        from gesim.probe.fast import fast_pair_stats
+        return fast_pair_stats(model, batch, params, precond=precond, per_layer=per_layer)
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class TokenGram:
+    """Token-level Gram ``K[a, b] = <grad log p_a, grad log p_b>`` over the masked tokens
+    ``index[a] = (row, t)`` of the given rows (rows in order, t ascending)."""
+
+    K: torch.Tensor  # (M, M)
+    index: list
+
+    def cos(self) -> torch.Tensor:
+        """Cosine matrix K / sqrt(diag diag^T). (M, M)"""
+        d = self.K.diagonal().clamp_min(torch.finfo(self.K.dtype).tiny).sqrt()
+        return self.K / (d[:, None] * d[None, :])
+
+    def block(self, row_a: int, row_b: int) -> torch.Tensor:
+        """The sub-matrix between the tokens of row_a and those of row_b (e.g. chosen x rejected)."""
+        ia = [k for k, (r, _) in enumerate(self.index) if r == row_a]
+        ib = [k for k, (r, _) in enumerate(self.index) if r == row_b]
+        return self.K[ia][:, ib]
+
+
+def token_gram(model, ids: torch.Tensor, mask: torch.Tensor, params="all", backend: str = "auto") -> TokenGram:
+    """Exact token Gram of the per-token log-prob gradients for all masked tokens of ``ids``
+    (N, T) right-padded; several rows give the cross blocks (e.g. chosen x rejected).
+
+    ``backend``: ``"fast"``/``"auto"`` (layer-wise, one backward batched over one-hot
+    cotangents, LM-head closed form, probe.md section 3.4) or ``"reference"`` (one backward per token).
+    """
+    if backend not in BACKENDS:
+        raise unknown("token-gram backend", backend, BACKENDS)
+    if ids.ndim != 2 or ids.shape != mask.shape:
+        raise GesimError(f"token_gram: ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must both be (N, T)")
+    was_training = model.training
+    model.eval()
+    try:
+        if backend == "reference" or backend == "func":
+            from gesim.probe.reference import reference_token_gram
+            K, index = reference_token_gram(model, ids, mask, params)
+        else:
+            from gesim.probe.fast import fast_token_gram
+            K, index = fast_token_gram(model, ids, mask, params)
+    finally:
+        model.train(was_training)
+    return TokenGram(K.detach(), index)
+
+
+def ches(model, batch: lm.PairBatch) -> dict[str, torch.Tensor]:
+    """CHES and length-normalised CHES per pair (Razin et al., "Unintentional Unalignment:
+    Likelihood Displacement in Direct Preference Optimization", ICLR 2025, eqs. 4-5).
+
+    With ``h`` the final hidden states (the LM head's input) at the positions that predict the
+    response tokens: ``ches = <sum h_w, sum h_l> - ||sum h_w||^2`` and
+    ``ln_ches = || mean h_w - mean h_l ||^2``. Each (B,).
+    """
+    head = output_head(model)
+    captured = []
+    handle = head.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        ids, mask = batch.stacked()
+        with torch.no_grad():
+            lm.logits(model, ids, mask)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    h = captured[-1].double()  # (N, T, d)
+    pred = torch.nn.functional.pad(mask[:, 1:], (0, 1)).to(h.dtype)  # position t-1 predicts token t; (N, T)
+    s = (h * pred[..., None]).sum(1)  # (N, d)
+    n = pred.sum(1).clamp_min(1)
+    B = len(batch)
+    s_w, s_l = s[:B], s[B:]
+    m_w, m_l = s_w / n[:B, None], s_l / n[B:, None]
+    return {"ches": (s_w * s_l).sum(-1) - (s_w * s_w).sum(-1), "ln_ches": ((m_w - m_l) ** 2).sum(-1)}
+
+
+def output_head(model) -> torch.nn.Module:
+    """The module producing the logits: ``get_output_embeddings()`` for Hugging Face models
+    (PEFT-wrapped included), else a child named ``lm_head``."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if getter is not None else None
+    if head is None:
+        head = dict(model.named_modules()).get("lm_head")
+    if head is None:
+        for name, mod in model.named_modules():
+            if name.endswith("lm_head"):
+                head = mod
+    if head is None:
+        raise GesimError("cannot find the model's output head (no get_output_embeddings() and no lm_head module)")
+    return head
