@@ -1,0 +1,11 @@
+"""Transformer validation: a small GPT and an offline sentiment-style preference language.
+
+* :mod:`gesim.transformer.model`: ``GPTConfig``, ``GPT`` (nanoGPT-shaped, plain torch).
+* :mod:`gesim.transformer.data`: a word-level review language, SFT data and preference pairs
+  in the paper's three structures (``1t``, ``short-suffix``, ``long-suffix``).
+"""
+
+from gesim.transformer.data import STRUCTURES, Language, PairSet
+from gesim.transformer.model import GPT, GPTConfig
+
+__all__ = ["GPT", "GPTConfig", "Language", "PairSet", "STRUCTURES"]
