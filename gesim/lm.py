@@ -79,7 +79,8 @@ def logits(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
     response token of each row) and per-row position ids are passed explicitly.
     """
     if not is_hf(model):
-        return model(ids)
+        out = model(ids)
+        return out.logits if hasattr(out, "logits") else out
     N, T = ids.shape
     if mask is not None and mask.any():
         last = torch.where(mask.bool(), torch.arange(T, device=ids.device), -1).max(dim=1).values
@@ -89,6 +90,26 @@ def logits(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
     position_ids = torch.arange(T, device=ids.device).expand(N, T)
     out = model(input_ids=ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
     return out.logits
+
+
+class _AtParams:
+    """``model`` evaluated at the parameters ``params`` through ``torch.func.functional_call``;
+    keeps the Hugging Face calling convention of :func:`logits` when ``model`` has it."""
+
+    def __init__(self, model, params: dict):
+        self.model, self.params = model, params
+        if is_hf(model):
+            self.config, self.get_input_embeddings = model.config, model.get_input_embeddings
+
+    def __call__(self, *args, **kwargs):
+        from torch.func import functional_call
+
+        return functional_call(self.model, self.params, args, kwargs)
+
+
+def at_params(model, params: dict):
+    """A callable with ``model``'s calling convention that evaluates it at ``params`` ({name: tensor})."""
+    return _AtParams(model, params)
 
 
 def token_logps(logits_: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

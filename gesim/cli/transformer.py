@@ -19,6 +19,17 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", choices=("fast", "full"), default="fast", help="config preset (default fast)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--arch", choices=("gpt", "hf-gpt2"), default="gpt",
+                   help="gpt: gesim's small GPT; hf-gpt2: a Hugging Face GPT-2 built from a config (default gpt)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                   help="preference optimizer (default adamw)")
+    p.add_argument("--lr", type=float, default=None, help="preference learning rate (default: the preset's)")
+    p.add_argument("--steps", type=int, default=None, help="preference steps (default: the preset's)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="write sft.pt, checkpoint.pt, metrics.csv and summary.json here")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="checkpoint every N preference steps (default: the preset's)")
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
     add_format_option(p)
     p.set_defaults(func=run)
@@ -37,12 +48,19 @@ def run(args) -> int:
 
         if not torch.cuda.is_available():
             raise GesimError("--device cuda was asked for but no CUDA device is available")
+    if args.resume and not args.out:
+        raise GesimError("--resume needs --out DIR, the folder of the interrupted run")
     preset = TrainConfig.fast if args.mode == "fast" else TrainConfig.full
-    out = train(args.dataset, args.loss, params, preset(seed=args.seed, device=args.device), progress=args.progress)
+    overrides = {k: v for k, v in (("lr", args.lr), ("pref_steps", args.steps),
+                                   ("checkpoint_every", args.checkpoint_every)) if v is not None}
+    if "lr" in overrides and not 0 < overrides["lr"] < float("inf"):
+        raise GesimError(f"--lr must be a positive finite number, got {args.lr}")
+    cfg = preset(seed=args.seed, device=args.device, arch=args.arch, optimizer=args.optimizer, **overrides)
+    out = train(args.dataset, args.loss, params, cfg, progress=args.progress, out=args.out, resume=args.resume)
     if args.format == "json":
         print(dump_json(out))
         return 0
     keys = ("dataset", "loss", "steps", "cos_first", "cos_last", "cos_mean", "lw_start", "lw_end", "ll_start",
-            "ll_end", "regime_agreement")
+            "ll_end", "regime_agreement", "pair_agreement")
     print("\n".join(f"{k:<17} {out[k]:.4f}" if isinstance(out[k], float) else f"{k:<17} {out[k]}" for k in keys))
     return 0

@@ -1,35 +1,53 @@
 """SFT, then preference optimisation, with the entanglement measurements of theory.md section 5.
 
-On a fixed eval set of pairs, every ``eval_every`` steps:
+On a fixed eval set of pairs, every ``eval_every`` steps (:mod:`gesim.transformer.measure`):
 
-* mean lw, ll (summed response log-probs) and the margin;
+* mean lw, ll (summed response log-probs, and per token) and the margin;
 * per pair ip, nw2, nl2 and cos over all parameters (:func:`gesim.probe.pair_stats`);
-* the realised change of every eval pair's lw and ll over the next optimizer step, next to
-  the first-order prediction <grad lw, u> for the actual update u (theory.md section 3: this
-  holds for any update, so it covers AdamW's preconditioned steps), computed as one
-  symmetric difference along u (exact up to O(|u|^3)). ``regime_agreement`` is the fraction of eval pairs whose
-  realised signs match the predicted ones.
+* the **whole-batch check**: the realised change of every eval pair's lw and ll over the
+  optimizer's actual step u, next to the first-order prediction <grad f, u> (theory.md
+  section 3: this holds for any update, AdamW's preconditioned steps included);
+  ``regime_agreement`` is the fraction of eval pairs whose realised signs match;
+* the **one-pair check**: the symbolic prediction for a step on each pair alone (with Adam's
+  preconditioned ip, nw2, nl2) against that step's realised signs (``pair_agreement``);
+* token cosine matrices (chosen x rejected tokens) of a few pairs at the first and last
+  measured step, and confusion matrices of predicted against realised regimes.
+
+Long runs write ``checkpoint.pt`` every ``checkpoint_every`` steps when given an ``out``
+folder and resume from it; metrics go to ``metrics.csv`` and ``summary.json`` there (all
+written atomically). With ``amp="auto"`` the training forward runs under bf16 autocast on
+CUDA; every measurement runs in float32 (the one-pair check in float64) outside autocast.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
+import io
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
 from gesim import lm, losses, probe, regimes
-from gesim.errors import GesimError
-from gesim.transformer import data
+from gesim.errors import GesimError, unknown
+from gesim.output import atomic_write_bytes, atomic_write_text, write_json
+from gesim.transformer import data, measure
 from gesim.transformer.model import GPT, GPTConfig
+
+ARCHS = ("gpt", "hf-gpt2")
+AMP = ("auto", "bf16", "off")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One experiment: model size, SFT, preference optimisation, measurement."""
 
+    arch: str = "gpt"
     n_layer: int = 2
     n_head: int = 2
     n_embd: int = 48
@@ -44,12 +62,26 @@ class TrainConfig:
     lr: float = 1e-5
     optimizer: str = "adamw"
     eval_every: int = 10
+    token_pairs: int = 2
+    checkpoint_every: int = 20
+    amp: str = "auto"
     seed: int = 0
     device: str = "cpu"
 
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise unknown("architecture", self.arch, ARCHS)
+        if self.amp not in AMP:
+            raise unknown("amp setting", self.amp, AMP)
+        if self.optimizer not in OPTIMIZERS:
+            raise unknown("optimizer", self.optimizer, OPTIMIZERS)
+        for name in ("sft_steps", "pref_steps", "eval_every", "checkpoint_every", "batch", "n_train", "n_eval"):
+            if getattr(self, name) < (0 if name == "sft_steps" else 1):
+                raise GesimError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
     @classmethod
     def fast(cls, **overrides) -> TrainConfig:
-        """CPU, a tiny model: about ten seconds per dataset."""
+        """CPU, a tiny model (116k parameters): about twenty seconds per dataset."""
         return dataclasses.replace(cls(), **overrides)
 
     @classmethod
@@ -58,16 +90,35 @@ class TrainConfig:
         return dataclasses.replace(cls(n_layer=4, n_head=4, n_embd=256, sft_steps=1500, n_train=4096, n_eval=64,
                                        pref_steps=200, eval_every=10), **overrides)
 
+    def autocast(self):
+        """The context the training forward runs in: bf16 autocast on CUDA ("auto") or anywhere ("bf16")."""
+        device_type = torch.device(self.device).type
+        on = self.amp == "bf16" or (self.amp == "auto" and device_type == "cuda")
+        return torch.autocast(device_type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
+    """The small GPT of :mod:`gesim.transformer.model`, or a Hugging Face GPT-2 built from a config."""
+    if cfg.arch == "gpt":
+        return GPT(GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd)).to(cfg.device)
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        raise GesimError("arch 'hf-gpt2' needs transformers: pip install transformers") from None
+    config = GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=0)
+    return GPT2LMHeadModel(config).to(cfg.device)
+
 
 def _optimizer(name, params, lr):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    raise GesimError(f"unknown optimizer {name!r}; choose from: adamw, sgd")
+    return torch.optim.SGD(params, lr=lr)
 
 
-def sft(model: GPT, cfg: TrainConfig, structure: str) -> list[float]:
+def sft(model, cfg: TrainConfig, structure: str) -> list[float]:
     """Train on prompt + (noisy) label + suffix; returns the loss per step (mean token NLL)."""
     ids, mask = data.sft_sequences(structure, cfg.n_train, cfg.seed, cfg.label_noise)
     ids, mask = ids.to(cfg.device), mask.to(cfg.device)
@@ -75,10 +126,12 @@ def sft(model: GPT, cfg: TrainConfig, structure: str) -> list[float]:
     g = torch.Generator().manual_seed(cfg.seed)
     history = []
     for _ in range(cfg.sft_steps):
-        rows = torch.randint(0, len(ids), (cfg.batch,), generator=g)
+        rows = torch.randint(0, len(ids), (cfg.batch,), generator=g).to(cfg.device)
         m = mask[rows].clone()
         m[:, 0] = 0
-        nll = -(lm.token_logps(model(ids[rows]), ids[rows]) * m).sum() / m.sum()
+        with cfg.autocast():
+            logits = lm.logits(model, ids[rows], m)
+        nll = -(lm.token_logps(logits, ids[rows]) * m).sum() / m.sum()
         opt.zero_grad()
         nll.backward()
         opt.step()
@@ -86,85 +139,185 @@ def sft(model: GPT, cfg: TrainConfig, structure: str) -> list[float]:
     return history
 
 
-@torch.no_grad()
-def _directional(model, at: dict, batch: lm.PairBatch, u: dict):
-    """<grad lw_i, u> and <grad ll_i, u> at parameters ``at``, for every pair.
-
-    The symmetric difference (f(at + u) - f(at - u)) / 2 equals <grad f, u> up to O(|u|^3):
-    the even (curvature) terms cancel. Forward-mode AD would be exact, but torch has no
-    forward derivative for CPU scaled-dot-product attention.
-    """
-    def f(sign):
-        point = {n: at[n] + sign * u[n] for n in at}
-        return lm.pair_logps(lambda x: functional_call(model, point, (x,)), batch)
-
-    (pw, pl), (mw, ml) = f(1.0), f(-1.0)
-    return (pw - mw) / 2, (pl - ml) / 2
-
-
-def preference(model: GPT, cfg: TrainConfig, structure: str, loss: str, params: dict, progress=False) -> dict:
-    """Preference optimisation against the SFT model as reference; returns the history."""
+def pair_objective(loss: str, params: dict) -> Callable:
+    """The plain preference objective: mean over the batch of the registered ``loss``."""
     lossfn = losses.get(loss)
-    lossfn.params(**params)
+
+    def objective(model, batch, ref_w, ref_l, len_w, len_l):
+        lw, ll = lm.pair_logps(model, batch)
+        return lossfn("torch", lw, ll, ref_w, ref_l, len_w, len_l, **params).mean()
+
+    return objective
+
+
+def _save(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _measure(model, opt, cfg, evals, loss, params, ref_eval, step, tokens: bool):
+    """Before the step: geometry, the one-pair check and (optionally) token cosines."""
+    stats = probe.pair_stats(model, evals)
+    one = measure.pair_check(model, evals, loss, params, ref_eval, measure.adam_precond(opt, model))
+    row = {"step": step, "lw": float(stats["lw"].mean()), "ll": float(stats["ll"].mean()),
+           "lw_per_token": float((stats["lw"] / evals.chosen_mask.sum(1)).mean()),
+           "ll_per_token": float((stats["ll"] / evals.rejected_mask.sum(1)).mean()),
+           "margin": float((stats["lw"] - stats["ll"]).mean()),
+           "cos": float(stats["cos"].mean()), "ip": float(stats["ip"].mean()),
+           "nw2": float(stats["nw2"].mean()), "nl2": float(stats["nl2"].mean()),
+           "pair_agreement": float(np.mean(one["pred"] == one["real"])),
+           "pair_confusion": measure.confusion(one["pred"], one["real"]).tolist()}
+    extra = {"token_cos": measure.token_cosines(model, evals, range(cfg.token_pairs))} if tokens else {}
+    return stats, row, extra
+
+
+def preference(model, cfg: TrainConfig, structure: str, loss: str, params: dict, progress=False, *,
+               objective: Callable | None = None, make_optimizer: Callable | None = None,
+               out: Path | None = None, resume: bool = False, until: int | None = None) -> dict:
+    """Preference optimisation against the model as it is now (the SFT model) as reference.
+
+    ``objective(model, batch, ref_w, ref_l, len_w, len_l) -> scalar`` replaces the plain loss
+    (mitigations: :mod:`gesim.methods`); ``make_optimizer(model) -> Optimizer`` replaces
+    ``cfg.optimizer``. With ``out``, checkpoints go to ``out/checkpoint.pt`` (and ``resume``
+    continues from there); ``until`` stops after that many steps (a later call resumes).
+    """
+    losses.get(loss).params(**params)
+    objective = objective or pair_objective(loss, params)
     train = data.pairs(structure, cfg.n_train, cfg.seed + 1).batch.to(cfg.device)
     evals = data.pairs(structure, cfg.n_eval, cfg.seed + 2).batch.to(cfg.device)
-    with torch.no_grad():
-        ref_w, ref_l = lm.pair_logps(model, train)
-    len_w, len_l = train.chosen_mask.sum(1), train.rejected_mask.sum(1)
-    opt = _optimizer(cfg.optimizer, model.parameters(), cfg.lr)
+    opt = make_optimizer(model) if make_optimizer else _optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     g = torch.Generator().manual_seed(cfg.seed + 3)
-    history = []
-    steps = range(cfg.pref_steps)
+    ckpt = Path(out) / "checkpoint.pt" if out else None
+    if resume and ckpt and ckpt.exists():
+        state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        g.set_state(state["generator"])
+        start, history, extra, ref = state["step"], state["history"], state["extra"], state["ref"]
+    else:
+        with torch.no_grad():
+            ref = {"train": lm.pair_logps(model, train), "eval": lm.pair_logps(model, evals)}
+        start, history, extra = 0, [], {}
+    (ref_w, ref_l), len_w, len_l = ref["train"], train.chosen_mask.sum(1), train.rejected_mask.sum(1)
+    stop = cfg.pref_steps if until is None else min(until, cfg.pref_steps)
+    steps = range(start, stop)
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc=f"{structure} {loss}", unit="step")
+        steps = tqdm(steps, desc=f"{structure} {loss}", unit="step", initial=start, total=cfg.pref_steps)
     for step in steps:
-        rows = torch.randint(0, len(train), (cfg.batch,), generator=g)
+        rows = torch.randint(0, len(train), (cfg.batch,), generator=g).to(cfg.device)
         sub = lm.PairBatch(*(t[rows] for t in (train.chosen_ids, train.rejected_ids, train.chosen_mask,
                                                  train.rejected_mask)))
-        measure = step % cfg.eval_every == 0 or step == cfg.pref_steps - 1
-        if measure:
-            stats = probe.pair_stats(model, evals)
+        measured = step % cfg.eval_every == 0 or step == cfg.pref_steps - 1
+        if measured:
+            last = step == cfg.pref_steps - 1
+            stats, row, tokens = _measure(model, opt, cfg, evals, loss, params, ref["eval"], step,
+                                          tokens=step == 0 or last)
+            extra.update({("token_cos_first" if step == 0 else "token_cos_last"): v for v in tokens.values()})
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        lw, ll = lm.pair_logps(model, sub)
-        L = lossfn("torch", lw, ll, ref_w[rows], ref_l[rows], len_w[rows], len_l[rows], **params).mean()
+        with cfg.autocast():
+            L = objective(model, sub, ref_w[rows], ref_l[rows], len_w[rows], len_l[rows])
         opt.zero_grad()
         L.backward()
         opt.step()
-        if measure:
+        if measured:
             u = {n: p.detach() - before[n] for n, p in model.named_parameters()}
-            pred_w, pred_l = _directional(model, before, evals, u)
+            pred_w, pred_l = measure.step_check(model, before, evals, u)
             with torch.no_grad():
                 after_w, after_l = lm.pair_logps(model, evals)
             real_w, real_l = after_w - stats["lw"], after_l - stats["ll"]
-            agree = regimes.regime_codes(pred_w.numpy(), pred_l.numpy()) == regimes.regime_codes(
-                real_w.numpy(), real_l.numpy())
-            history.append({"step": step, "lw": float(stats["lw"].mean()), "ll": float(stats["ll"].mean()),
-                            "cos": float(stats["cos"].mean()), "ip": float(stats["ip"].mean()),
-                            "nw2": float(stats["nw2"].mean()), "nl2": float(stats["nl2"].mean()),
-                            "loss": float(L.detach()), "regime_agreement": float(np.mean(agree)),
-                            "pred_dlw": float(pred_w.mean()), "real_dlw": float(real_w.mean()),
-                            "pred_dll": float(pred_l.mean()), "real_dll": float(real_l.mean())})
-    return {"history": history}
+            pred = regimes.regime_codes(pred_w.cpu().numpy(), pred_l.cpu().numpy())
+            real = regimes.regime_codes(real_w.cpu().numpy(), real_l.cpu().numpy())
+            row.update({"loss": float(L.detach()), "regime_agreement": float(np.mean(pred == real)),
+                        "batch_confusion": measure.confusion(pred, real).tolist(),
+                        "pred_dlw": float(pred_w.mean()), "real_dlw": float(real_w.mean()),
+                        "pred_dll": float(pred_l.mean()), "real_dll": float(real_l.mean())})
+            history.append(row)
+        if ckpt and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop):
+            _save(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(),
+                         "step": step + 1, "history": history, "extra": extra, "ref": ref})
+    return {"history": history, "done": stop == cfg.pref_steps, **extra}
+
+
+_SFT_CACHE: dict = {}
+
+
+def sft_model(structure: str, cfg: TrainConfig, out: Path | None = None):
+    """The model after SFT on ``structure`` and the SFT loss history.
+
+    Cached in memory per (structure, everything in ``cfg`` that SFT depends on), and on disk
+    as ``out/sft.pt`` when ``out`` is given, so several losses share one SFT run.
+    """
+    key = (structure, cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.sft_steps, cfg.sft_lr,
+           cfg.label_noise, cfg.n_train, cfg.batch, cfg.amp, cfg.seed, cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, len(data.Language()))
+    path = Path(out) / "sft.pt" if out else None
+    saved = torch.load(path, map_location=cfg.device, weights_only=False) if path and path.exists() else None
+    if saved is not None and saved["key"] == key:
+        state, history = saved["model"], saved["history"]
+    elif key in _SFT_CACHE:
+        state, history = _SFT_CACHE[key]
+    else:
+        history = sft(model, cfg, structure)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if path and (saved is None or saved["key"] != key):
+        _save(path, {"key": key, "model": state, "history": history})
+    _SFT_CACHE[key] = (state, history)
+    model.load_state_dict(state)
+    model.eval()
+    return model, history
+
+
+def summary(structure: str, loss: str, params: dict, cfg: TrainConfig, sft_loss: list, out: dict) -> dict:
+    """The run's headline numbers (the CLI's JSON) plus the history and the config."""
+    h = out["history"]
+    pair_c = np.sum([r["pair_confusion"] for r in h], axis=0)
+    batch_c = np.sum([r["batch_confusion"] for r in h], axis=0)
+    return {"dataset": structure, "loss": loss, "params": params, "steps": cfg.pref_steps,
+            "sft_loss_first": sft_loss[0] if sft_loss else None, "sft_loss_last": sft_loss[-1] if sft_loss else None,
+            "cos_first": h[0]["cos"], "cos_last": h[-1]["cos"], "cos_mean": float(np.mean([r["cos"] for r in h])),
+            "lw_start": h[0]["lw"], "lw_end": h[-1]["lw"], "ll_start": h[0]["ll"], "ll_end": h[-1]["ll"],
+            "regime_agreement": float(np.mean([r["regime_agreement"] for r in h])),
+            "pair_agreement": float(np.trace(pair_c) / pair_c.sum()),
+            "regimes": list(regimes.REGIMES), "pair_confusion": pair_c.tolist(), "batch_confusion": batch_c.tolist(),
+            "token_cos_first": out.get("token_cos_first", []), "token_cos_last": out.get("token_cos_last", []),
+            "history": h, "config": dataclasses.asdict(cfg)}
+
+
+SCALARS = ("step", "lw", "ll", "lw_per_token", "ll_per_token", "margin", "cos", "ip", "nw2", "nl2", "loss",
+           "regime_agreement", "pair_agreement", "pred_dlw", "real_dlw", "pred_dll", "real_dll")
+
+
+def write_metrics(out: Path, result: dict) -> None:
+    """``metrics.csv`` (one row per measured step) and ``summary.json`` in ``out``, atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SCALARS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result["history"])
+    atomic_write_text(Path(out) / "metrics.csv", buf.getvalue())
+    write_json(Path(out) / "summary.json", result)
 
 
 def run(structure: str, loss: str = "dpo", params: dict | None = None, cfg: TrainConfig | None = None,
-        progress: bool = False) -> dict:
-    """SFT then preference optimisation on one dataset; a summary plus the history."""
+        progress: bool = False, *, out=None, resume: bool = False, until: int | None = None, **hooks) -> dict:
+    """SFT then preference optimisation on one dataset: the :func:`summary` of the run.
+
+    ``out``: a folder for ``sft.pt``, ``checkpoint.pt``, ``metrics.csv`` and ``summary.json``;
+    ``resume`` continues an interrupted run there; ``until`` stops early (resumable);
+    ``hooks``: ``objective`` / ``make_optimizer`` for :func:`preference`.
+    """
     cfg = cfg or TrainConfig.fast()
     params = params or {}
-    torch.manual_seed(cfg.seed)
-    lang = data.Language()
-    model = GPT(GPTConfig(vocab_size=len(lang), block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                          n_embd=cfg.n_embd)).to(cfg.device)
-    sft_loss = sft(model, cfg, structure)
-    model.eval()
-    out = preference(model, cfg, structure, loss, params, progress)
-    h = out["history"]
-    return {"dataset": structure, "loss": loss, "params": params, "steps": cfg.pref_steps,
-            "sft_loss_first": sft_loss[0], "sft_loss_last": sft_loss[-1],
-            "cos_first": h[0]["cos"], "cos_last": h[-1]["cos"], "cos_mean": float(np.mean([r["cos"] for r in h])),
-            "lw_start": h[0]["lw"], "lw_end": h[-1]["lw"], "ll_start": h[0]["ll"], "ll_end": h[-1]["ll"],
-            "regime_agreement": float(np.mean([r["regime_agreement"] for r in h])), "history": h,
-            "config": dataclasses.asdict(cfg)}
+    if out and not resume and (Path(out) / "checkpoint.pt").exists():
+        (Path(out) / "checkpoint.pt").unlink()
+    model, sft_loss = sft_model(structure, cfg, out)
+    result = preference(model, cfg, structure, loss, params, progress, out=out, resume=resume, until=until, **hooks)
+    if not result["done"]:
+        return {"dataset": structure, "loss": loss, "done": False, "history": result["history"]}
+    final = summary(structure, loss, params, cfg, sft_loss, result)
+    if out:
+        write_metrics(out, final)
+    return final
