@@ -158,7 +158,9 @@ def run_chunk(cfg: SimConfig, pol, inst, pairs, bar=None) -> dict:
         ip, nw2, nl2 = (x.double().numpy() for x in optim.geometry(g_w, g_l, upd.precond))
         raw = (ip, nw2, nl2) if upd.precond is None else (x.double().numpy() for x in optim.geometry(g_w, g_l))
         cos = dynamics.cos_rho(*raw)["cos"]
-        pred_dlw, pred_dll = regimes.first_order(d_w, d_l, ip, nw2, nl2, cfg.eta)
+        ew = d_w if upd.d_w is None else upd.d_w.double().numpy()
+        el = d_l if upd.d_l is None else upd.d_l.double().numpy()
+        pred_dlw, pred_dll = regimes.first_order(ew, el, ip, nw2, nl2, cfg.eta)
         if upd.rest is not None:
             dims = tuple(range(1, g_w.dim()))
             pred_dlw = pred_dlw + (g_w * upd.rest).sum(dims).double().numpy()
@@ -248,8 +250,10 @@ def _one(cfg, pol, inst, pair, loss, params) -> dict:
         rest = torch.zeros_like(g_w) if upd.rest is None else upd.rest
         ip, nw2, nl2 = float((P * g_w * g_l).sum()), float((P * g_w * g_w).sum()), float((P * g_l * g_l).sum())
         ip0, nw20, nl20 = float((g_w * g_l).sum()), float((g_w * g_w).sum()), float((g_l * g_l).sum())
-        pred_dlw = cfg.eta * (d_w * nw2 - d_l * ip) + float((g_w * rest).sum())
-        pred_dll = cfg.eta * (d_w * ip - d_l * nl2) + float((g_l * rest).sum())
+        ew = d_w if upd.d_w is None else float(upd.d_w[0])
+        el = d_l if upd.d_l is None else float(upd.d_l[0])
+        pred_dlw = cfg.eta * (ew * nw2 - el * ip) + float((g_w * rest).sum())
+        pred_dll = cfg.eta * (ew * ip - el * nl2) + float((g_l * rest).sum())
         lw_new, ll_new, g_w, g_l = forward(W.detach() + upd.u)
         W = W.detach() + upd.u
         real_dlw, real_dll = float(lw_new - lw), float(ll_new - ll)

@@ -6,7 +6,9 @@ Gradient descent on a pair loss moves the parameters along s = d_w g_w - d_l g_l
     u = eta P (d_w g_w - d_l g_l) + rest
 
 with ``precond`` the diagonal P applied to the current gradient (None: P = 1) and ``rest``
-whatever else the rule adds (momentum). The first-order change of any log-prob f is then
+whatever else the rule adds (momentum). A rule that reweights the pair (pairwise
+normalisation, calibration: :mod:`gesim.methods`) returns the weights it used as ``d_w``,
+``d_l``, so that u = eta P (d_w' g_w - d_l' g_l) + rest. The first-order change of any log-prob f is then
 <grad f, u> (theory.md section 3):
 
     delta_lw = eta (d_w <g_w, P g_w> - d_l <g_w, P g_l>) + <g_w, rest>,
@@ -28,11 +30,14 @@ from gesim.errors import GesimError, unknown
 
 @dataclass
 class Update:
-    """u (N, ...), the preconditioner P of the current gradient (or None) and the rest."""
+    """u (N, ...), the preconditioner P of the current gradient (or None), the rest, and the
+    weights (N,) the rule applied in place of the loss's d_w, d_l (or None: the loss's)."""
 
     u: torch.Tensor
     precond: torch.Tensor | None = None
     rest: torch.Tensor | None = None
+    d_w: torch.Tensor | None = None
+    d_l: torch.Tensor | None = None
 
 
 def _b(x, like):

@@ -93,6 +93,44 @@ def pair_check(model, evals: lm.PairBatch, loss: str, params: dict, ref: tuple, 
             "real": regimes.regime_codes(real_w, real_l, d_w, d_l)}
 
 
+def method_pair_check(model, evals: lm.PairBatch, objective, ref: tuple, size: float = 1e-4) -> dict:
+    """The one-pair check for any trainer objective (a mitigation of :mod:`gesim.methods`).
+
+    For each eval pair alone: the plain gradient step u_i = -eta_i grad objective_i, its exact
+    first-order changes <g_w, u_i>, <g_l, u_i> (autograd gradients, float64) as the
+    prediction and the realised changes; eta_i scaled as in :func:`pair_check`. Same keys.
+    """
+    m64 = copy.deepcopy(model).double().eval()
+    named = [(n, p) for n, p in m64.named_parameters() if p.requires_grad]
+    theta = {n: p.detach().clone() for n, p in m64.named_parameters()}
+    len_w, len_l = evals.chosen_mask.sum(1).double(), evals.rejected_mask.sum(1).double()
+    ref_w, ref_l = (r.double() for r in ref)
+    out = {k: np.zeros(len(evals)) for k in ("eta", "pred_dlw", "pred_dll", "real_dlw", "real_dll")}
+    for i in range(len(evals)):
+        one = evals.pair(i)
+        params = [p for _, p in named]
+        L = objective(m64, one, ref_w[i:i + 1], ref_l[i:i + 1], len_w[i:i + 1], len_l[i:i + 1])
+        step = [(-g if g is not None else torch.zeros_like(p))
+                for g, p in zip(torch.autograd.grad(L, params, allow_unused=True), params)]
+        lw, ll = lm.pair_logps(m64, one)
+        g_w = torch.autograd.grad(lw.sum(), params, allow_unused=True, retain_graph=True)
+        g_l = torch.autograd.grad(ll.sum(), params, allow_unused=True)
+        pw, pl = (sum(float((g * u).sum()) for g, u in zip(gs, step) if g is not None) for gs in (g_w, g_l))
+        scale = max(abs(pw), abs(pl))
+        eta = size / scale if scale > 0 else 0.0
+        with torch.no_grad():
+            moved = dict(theta)
+            for (n, _), u in zip(named, step):
+                moved[n] = theta[n] + eta * u
+            aw, al = lm.pair_logps(lm.at_params(m64, moved), one)
+        for k, v in (("eta", eta), ("pred_dlw", eta * pw), ("pred_dll", eta * pl),
+                     ("real_dlw", float(aw - lw.detach())), ("real_dll", float(al - ll.detach()))):
+            out[k][i] = v
+    out["pred"] = regimes.regime_codes(out["pred_dlw"], out["pred_dll"])
+    out["real"] = regimes.regime_codes(out["real_dlw"], out["real_dll"])
+    return out
+
+
 @torch.no_grad()
 def step_check(model, at: dict, batch: lm.PairBatch, u: dict):
     """<grad lw_i, u> and <grad ll_i, u> at parameters ``at``, for every pair.

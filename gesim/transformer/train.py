@@ -156,10 +156,16 @@ def _save(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _measure(model, opt, cfg, evals, loss, params, ref_eval, step, tokens: bool):
-    """Before the step: geometry, the one-pair check and (optionally) token cosines."""
+def _measure(model, opt, cfg, evals, loss, params, ref_eval, step, tokens: bool, objective=None):
+    """Before the step: geometry, the one-pair check and (optionally) token cosines.
+
+    With a custom ``objective`` (a mitigation), the one-pair check is that objective's plain
+    gradient step on each pair alone (:func:`measure.method_pair_check`)."""
     stats = probe.pair_stats(model, evals)
-    one = measure.pair_check(model, evals, loss, params, ref_eval, measure.adam_precond(opt, model))
+    if objective is None:
+        one = measure.pair_check(model, evals, loss, params, ref_eval, measure.adam_precond(opt, model))
+    else:
+        one = measure.method_pair_check(model, evals, objective, ref_eval)
     row = {"step": step, "lw": float(stats["lw"].mean()), "ll": float(stats["ll"].mean()),
            "lw_per_token": float((stats["lw"] / evals.chosen_mask.sum(1)).mean()),
            "ll_per_token": float((stats["ll"] / evals.rejected_mask.sum(1)).mean()),
@@ -167,6 +173,7 @@ def _measure(model, opt, cfg, evals, loss, params, ref_eval, step, tokens: bool)
            "cos": float(stats["cos"].mean()), "ip": float(stats["ip"].mean()),
            "nw2": float(stats["nw2"].mean()), "nl2": float(stats["nl2"].mean()),
            "pair_agreement": float(np.mean(one["pred"] == one["real"])),
+           "pair_ideal_fraction": float(np.mean(one["real"] == regimes.IDEAL)),
            "pair_confusion": measure.confusion(one["pred"], one["real"]).tolist()}
     extra = {"token_cos": measure.token_cosines(model, evals, range(cfg.token_pairs))} if tokens else {}
     return stats, row, extra
@@ -183,6 +190,7 @@ def preference(model, cfg: TrainConfig, structure: str, loss: str, params: dict,
     continues from there); ``until`` stops after that many steps (a later call resumes).
     """
     losses.get(loss).params(**params)
+    custom = objective
     objective = objective or pair_objective(loss, params)
     train = data.pairs(structure, cfg.n_train, cfg.seed + 1).batch.to(cfg.device)
     evals = data.pairs(structure, cfg.n_eval, cfg.seed + 2).batch.to(cfg.device)
@@ -214,7 +222,7 @@ def preference(model, cfg: TrainConfig, structure: str, loss: str, params: dict,
         if measured:
             last = step == cfg.pref_steps - 1
             stats, row, tokens = _measure(model, opt, cfg, evals, loss, params, ref["eval"], step,
-                                          tokens=step == 0 or last)
+                                          tokens=step == 0 or last, objective=custom)
             extra.update({("token_cos_first" if step == 0 else "token_cos_last"): v for v in tokens.values()})
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
         with cfg.autocast():
@@ -231,6 +239,7 @@ def preference(model, cfg: TrainConfig, structure: str, loss: str, params: dict,
             pred = regimes.regime_codes(pred_w.cpu().numpy(), pred_l.cpu().numpy())
             real = regimes.regime_codes(real_w.cpu().numpy(), real_l.cpu().numpy())
             row.update({"loss": float(L.detach()), "regime_agreement": float(np.mean(pred == real)),
+                        "ideal_fraction": float(np.mean(real == regimes.IDEAL)),
                         "batch_confusion": measure.confusion(pred, real).tolist(),
                         "pred_dlw": float(pred_w.mean()), "real_dlw": float(real_w.mean()),
                         "pred_dll": float(pred_l.mean()), "real_dll": float(real_l.mean())})
@@ -288,7 +297,8 @@ def summary(structure: str, loss: str, params: dict, cfg: TrainConfig, sft_loss:
 
 
 SCALARS = ("step", "lw", "ll", "lw_per_token", "ll_per_token", "margin", "cos", "ip", "nw2", "nl2", "loss",
-           "regime_agreement", "pair_agreement", "pred_dlw", "real_dlw", "pred_dll", "real_dll")
+           "regime_agreement", "ideal_fraction", "pair_ideal_fraction", "pair_agreement", "pred_dlw", "real_dlw",
+           "pred_dll", "real_dll")
 
 
 def write_metrics(out: Path, result: dict) -> None:
