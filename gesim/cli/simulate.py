@@ -8,7 +8,7 @@ from gesim.cli.options import add_format_option, add_param_option, dump_json, fi
 from gesim.errors import GesimError
 
 POLICIES = ("single_token", "free_logits", "context")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "pngd", "calibrated")
 
 
 def suffix_list(text: str) -> list[int]:
@@ -37,7 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--instances", type=positive_int, default=400, help="independent instances (default 400)")
     p.add_argument("--steps", type=positive_int, default=5, help="optimisation steps (default 5)")
     p.add_argument("--eta", type=finite_float, default=0.1, help="step size (default 0.1)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="update rule (default sgd)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="update rule: sgd, adam, or the mitigations pngd (pairwise-normalised) and calibrated "
+                   "(default sgd)")
     p.add_argument("--vocab", type=positive_int, default=64, help="vocabulary size (default 64)")
     p.add_argument("--dim", type=positive_int, default=32, help="feature dimension (default 32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -47,6 +49,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import gesim.methods.pairwise  # noqa: F401  (registers the pngd and calibrated rules)
     from gesim.simulate import SimConfig, sweeps
 
     suffixes = args.suffix if args.suffix is not None else ([0] if args.policy == "single_token" else [0, 2, 8, 32])
