@@ -417,3 +417,13 @@ def test_property_weights_equal_autograd_for_any_parameters(case, seed):
     d_w, d_l = d.weights(**pt, **params)
     assert float(d_w) == pytest.approx(-float(g_lw), rel=1e-8, abs=1e-10)
     assert float(d_l) == pytest.approx(float(g_ll), rel=1e-8, abs=1e-10)
+
+
+def test_table_rows_carry_the_trl_record():
+    row = symbolic.derive("ipo_norm").row()
+    assert row["trl"]["trainer"] == "DPOTrainer" and row["trl"]["loss_type"] == "ipo"
+    assert row["trl"]["params"] == {"tau": "beta"} and row["trl"]["version"] == losses.TRL_VERSION
+    assert symbolic.derive("kto").row()["trl"]["scale"] == 0.5
+    assert symbolic.derive("rpo_trl").row()["trl"]["loss_type"] == ["sigmoid", "sft"]
+    assert symbolic.derive("slic_hf").row()["trl"] is None
+    assert '"trl": null' in symbolic.table(["slic_hf"], fmt="json")

@@ -18,6 +18,7 @@ from gesim.methods.averaging import (
     hma_ratios_authors,
     linear_names,
     merge_authors,
+    text_mask,
 )
 from gesim.transformer.model import GPT, GPTConfig
 
@@ -257,3 +258,8 @@ def test_fit_hma_authors_lowers_the_loss_and_refuses_bad_input(hma_problem):
         fit_hma_authors(m0, theta0, theta, ids, full, 1.0)
     with pytest.raises(GesimError, match="empty"):  # the code's block3 splits at layers 8 and 16
         fit_hma_authors(m0, theta0, theta, ids, full, 0.6, blocks="block3")
+
+
+def test_text_mask_covers_prompt_and_response_up_to_the_last_response_token():
+    mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]])
+    assert text_mask(mask).tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]]

@@ -269,6 +269,15 @@ def author_blocks(names, scheme="block3") -> dict[str, int]:
     return out
 
 
+def text_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Every token of each right-padded row up to its last marked one (prompt and response): the
+    "collected text" the authors' HMA objective scores, from a response mask. (N, T)."""
+    T = mask.shape[1]
+    pos = torch.arange(T, device=mask.device)
+    last = torch.where(mask.bool(), pos, -1).max(dim=1).values
+    return (pos[None, :] <= last[:, None]).to(mask.dtype)
+
+
 def hma_ratios_authors(s, a: float, eps: float = 1e-6) -> torch.Tensor:
     """The authors' ratios on the aligned model: a_k = 1 - w_k, w_k = w K (sigmoid(s_k) + eps) /
     sum_j (sigmoid(s_j) + eps), w = 1 - a (their ``init_val``, the weight on theta_0). (K,)."""
