@@ -7,7 +7,10 @@ out). This is einops' pattern: one operation, tiny backend adapters, every backe
 against numpy.
 
 Primitives: ``exp, log, log1p, expm1, sigmoid, log_sigmoid, relu, maximum, minimum, abs,
-square, sqrt``.
+square, sqrt, stop_gradient``.
+
+``stop_gradient(x)`` is ``x`` in value with zero derivative (torch ``detach``): a loss uses it
+for a detached per-pair weight, e.g. WPO's ``exp(mean log-prob)``.
 
 In sympy, ``sigmoid``, ``log_sigmoid`` and ``relu`` are functions with known derivatives
 (``sigma' = sigma(x) sigma(-x)``, ``(log sigma)' = sigma(-x)``, ``relu' = H(x)`` with
@@ -77,6 +80,19 @@ class relu(sp.Function):
         return rf"\left[{printer._print(self.args[0])}\right]_+"
 
 
+class stop_gradient(sp.Function):
+    """x in value, zero derivative (torch ``x.detach()``)."""
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+    def _eval_evalf(self, prec):
+        return self.args[0]._eval_evalf(prec)
+
+    def _latex(self, printer):
+        return rf"\operatorname{{sg}}\left({printer._print(self.args[0])}\right)"
+
+
 class Ops:
     """Base adapter. Subclasses set the primitives; ``name`` identifies the backend."""
 
@@ -109,6 +125,10 @@ class NumpyOps(Ops):
     def relu(x):
         return np.maximum(x, 0.0)
 
+    @staticmethod
+    def stop_gradient(x):
+        return x
+
 
 class TorchOps(Ops):
     """torch; imported lazily so that ``import gesim`` never loads torch.
@@ -126,6 +146,8 @@ class TorchOps(Ops):
         import torch
         import torch.nn.functional as F
 
+        if item == "stop_gradient":
+            return lambda x: x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)
         fn = F.logsigmoid if item == "log_sigmoid" else getattr(torch, self._NAMES.get(item, "_missing"), None)
         if fn is None:
             raise AttributeError(item)
@@ -145,6 +167,7 @@ class SympyOps(Ops):
     sigmoid = sigmoid
     log_sigmoid = log_sigmoid
     relu = relu
+    stop_gradient = stop_gradient
     maximum = staticmethod(sp.Max)
     minimum = staticmethod(sp.Min)
     abs = staticmethod(sp.Abs)
@@ -175,6 +198,7 @@ LAMBDIFY_NUMPY = {
     "log_sigmoid": NumpyOps.log_sigmoid,
     "relu": NumpyOps.relu,
     "Heaviside": lambda x, h0=0.0: np.heaviside(x, h0),
+    "stop_gradient": NumpyOps.stop_gradient,
 }
 
 __all__ = ["Ops", "BACKENDS", "numpy_ops", "torch_ops", "sympy_ops", "LAMBDIFY_NUMPY"]

@@ -136,7 +136,7 @@ class Derivation:
             "name": self.loss.name, "margin": self.loss.margin, "source": self.loss.source,
             "params": dict(self.loss.defaults), "loss": sp.sstr(self.L), "d_w": sp.sstr(self.d_w),
             "d_l": sp.sstr(self.d_l), "k": sp.sstr(self.k), "chosen_up": sp.sstr(self.chosen_up),
-            "rejected_down": sp.sstr(self.rejected_down),
+            "rejected_down": sp.sstr(self.rejected_down), "trl": _trl_row(self.loss.trl),
         }
 
     def latex(self) -> dict:
@@ -144,6 +144,15 @@ class Derivation:
         tex = lambda e: sp.latex(e, symbol_names=LATEX_NAMES)  # noqa: E731
         return {"loss": tex(self.L), "d_w": tex(self.d_w), "d_l": tex(self.d_l), "k": tex(self.k),
                 "chosen_up": tex(self.chosen_up), "rejected_down": tex(self.rejected_down)}
+
+
+def _trl_row(trl) -> dict | None:
+    """The loss's trl record as plain JSON values (None without a trl counterpart)."""
+    if trl is None:
+        return None
+    loss_type = list(trl.loss_type) if isinstance(trl.loss_type, tuple) else trl.loss_type
+    return {"trainer": trl.trainer, "loss_type": loss_type, "params": dict(trl.params), "fixed": dict(trl.fixed),
+            "requires": dict(trl.requires), "scale": trl.scale, "batch": trl.batch, "version": trl.version}
 
 
 def _check_data(args):

@@ -13,6 +13,7 @@ import torch
 
 import gesim
 from gesim import losses, symbolic
+from gesim.backends import stop_gradient
 from gesim.errors import GesimError
 
 ALL = losses.names()
@@ -28,6 +29,12 @@ def random_points(seed: int, n: int = 8) -> list[dict]:
                     "lw_ref": -rng.uniform(0.5, 3.0) * len_w, "ll_ref": -rng.uniform(0.5, 3.0) * len_l,
                     "len_w": len_w, "len_l": len_l})
     return pts
+
+
+def grads(value, lw, ll):
+    """(dL/dlw, dL/dll) by autograd; 0 for a side the loss does not use (sft)."""
+    g = torch.autograd.grad(value, (lw, ll), allow_unused=True)
+    return tuple(torch.zeros((), dtype=torch.float64) if x is None else x for x in g)
 
 
 def sympy_value(name, pt, **params):
@@ -58,10 +65,12 @@ def test_weights_symbolic_equal_autograd_and_finite_differences(name):
         lw = torch.tensor(pt["lw"], dtype=torch.float64, requires_grad=True)
         ll = torch.tensor(pt["ll"], dtype=torch.float64, requires_grad=True)
         rest = [torch.tensor(pt[k], dtype=torch.float64) for k in ("lw_ref", "ll_ref", "len_w", "len_l")]
-        g_lw, g_ll = torch.autograd.grad(loss("torch", lw, ll, *rest), (lw, ll))
+        g_lw, g_ll = grads(loss("torch", lw, ll, *rest), lw, ll)
         d_w, d_l = d.weights(**pt)
         assert float(d_w) == pytest.approx(-float(g_lw), rel=1e-9, abs=1e-12)
         assert float(d_l) == pytest.approx(float(g_ll), rel=1e-9, abs=1e-12)
+        if d.L.has(stop_gradient):
+            continue  # a detached weight (WPO): finite differences see its derivative, autograd does not
         h = 1e-5
         f = lambda pt=pt, **kw: float(loss("numpy", **{**pt, **kw}))  # noqa: E731
         fd_w = -(f(lw=pt["lw"] + h) - f(lw=pt["lw"] - h)) / (2 * h)
@@ -122,12 +131,181 @@ def test_hand_value_orpo():
     assert losses.get("orpo")("numpy", lw, ll, 0, 0, len_w, len_l) == pytest.approx(expect)
 
 
+# ---- an independent hand-computed value and weights for EVERY registered loss ----------------
+# Each entry writes the loss L and its weights d_w = -dL/dlw, d_l = dL/dll out in numpy, derived
+# by hand (chain rule on paper), sharing nothing with gesim.losses, gesim.backends or sympy.
+
+def s(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def ls(x):
+    return -np.log1p(np.exp(-x))
+
+
+def ds(x):
+    """sigma'(x) = sigma(x) sigma(-x)."""
+    return s(x) * s(-x)
+
+
+def _margin(z_scale, L, dLdz):
+    """(L, d_w, d_l) of a loss of z = z_scale h: d_w = -dL/dz z_scale = d_l."""
+    return L, -dLdz * z_scale, -dLdz * z_scale
+
+
+def hand(name, lw, ll, lw_ref, ll_ref, len_w, len_l, **q):  # noqa: C901 (one branch per loss)
+    rw, rl = lw - lw_ref, ll - ll_ref
+    h = rw - rl
+    pw, pl = lw / len_w, ll / len_l
+    b = q.get("beta")
+    if name == "dpo":
+        return _margin(b, -ls(b * h), -s(-b * h))
+    if name == "ipo":
+        c = 1 / (2 * q["tau"])
+        return (h - c) ** 2, -2 * (h - c), -2 * (h - c)
+    if name == "ipo_norm":
+        u, c = rw / len_w - rl / len_l, 1 / (2 * q["tau"])
+        return (u - c) ** 2, -2 * (u - c) / len_w, -2 * (u - c) / len_l
+    if name == "hinge":
+        on = float(1 - b * h > 0)
+        return max(1 - b * h, 0.0), b * on, b * on
+    if name == "slic_hf":
+        a = q["delta"] - lw + ll
+        return max(a, 0.0) - q["lam"] * lw, float(a > 0) + q["lam"], float(a > 0)
+    if name == "simpo":
+        z = b * pw - b * pl - q["gamma"]
+        return -ls(z), b / len_w * s(-z), b / len_l * s(-z)
+    if name == "r_dpo":
+        z = b * h - q["alpha"] * (len_w - len_l)
+        return -ls(z), b * s(-z), b * s(-z)
+    if name == "cpo":
+        z = b * (lw - ll)
+        return -ls(z) - q["alpha"] * lw, b * s(-z) + q["alpha"], b * s(-z)
+    if name == "rrhf":
+        a = pl - pw
+        return max(a, 0.0) - q["lam"] * lw, float(a > 0) / len_w + q["lam"], float(a > 0) / len_l
+    if name in ("orpo", "orpo_trl"):
+        lo = lambda x: x - np.log(1 - np.exp(x))  # noqa: E731  log odds of p = e^x
+        r = lo(pw) - lo(pl)
+        nll = len_w if name == "orpo" else q["len_bar"]
+        return (-lw / nll - q["lam"] * ls(r), 1 / nll + q["lam"] * s(-r) / ((1 - np.exp(pw)) * len_w),
+                q["lam"] * s(-r) / ((1 - np.exp(pl)) * len_l))
+    if name == "kto":
+        xw, xl = b * (rw - q["z0"]), b * (q["z0"] - rl)
+        return (q["lambda_d"] * (1 - s(xw)) + q["lambda_u"] * (1 - s(xl)),
+                q["lambda_d"] * b * ds(xw), q["lambda_u"] * b * ds(xl))
+    if name == "dpop":
+        below = float(lw_ref - lw > 0)
+        z = b * (h - q["lam"] * max(lw_ref - lw, 0.0))
+        return -ls(z), b * s(-z) * (1 + q["lam"] * below), b * s(-z)
+    if name in ("rpo", "rpo_trl"):
+        n = len_w if name == "rpo" else q["len_bar"]
+        return -ls(b * h) - q["alpha"] * lw / n, b * s(-b * h) + q["alpha"] / n, b * s(-b * h)
+    if name == "exo_pair":
+        z, e = b * h, q["eps"]
+        L = s(z) * (ls(z) - np.log(1 - e)) + s(-z) * (ls(-z) - np.log(e))
+        return _margin(b, L, ds(z) * (z - np.log((1 - e) / e)))
+    if name == "nca_pair":
+        return (-ls(b * rw) - ls(-b * rw) / 2 - ls(-b * rl) / 2, b * s(-b * rw) - b * s(b * rw) / 2,
+                b * s(b * rl) / 2)
+    if name == "robust":
+        z, e = b * h, q["eps"]
+        return _margin(b, ((1 - e) * -ls(z) + e * ls(-z)) / (1 - 2 * e), -((1 - e) * s(-z) + e * s(z)) / (1 - 2 * e))
+    if name == "bco_pair":
+        d = q["delta"]
+        return -ls(b * rw - d) - ls(-(b * rl - d)), b * s(-(b * rw - d)), b * s(b * rl - d)
+    if name == "sppo_hard":
+        c = 1 / (2 * b)
+        return (rw - c) ** 2 + (rl + c) ** 2, -2 * (rw - c), 2 * (rl + c)
+    if name == "apo_zero":
+        return 1 - s(b * rw) + s(b * rl), b * ds(b * rw), b * ds(b * rl)
+    if name == "apo_down":
+        return s(b * rw) + 1 - s(b * h), b * ds(b * h) - b * ds(b * rw), b * ds(b * h)
+    if name == "discopop":
+        z, t = b * h, q["tau"]
+        m, dm = s(z / t), ds(z / t) / t
+        return _margin(b, (1 - m) * -ls(z) + m * np.exp(-z),
+                       dm * ls(z) - (1 - m) * s(-z) + dm * np.exp(-z) - m * np.exp(-z))
+    if name == "sigmoid_norm":
+        u = rw / len_w - rl / len_l
+        return -ls(b * u), b * s(-b * u) / len_w, b * s(-b * u) / len_l
+    if name == "alphapo":
+        a = q["alpha"]
+        z = b * ((1 - np.exp(-a * pw)) / a - (1 - np.exp(-a * pl)) / a) - q["gamma"]
+        return -ls(z), s(-z) * b * np.exp(-a * pw) / len_w, s(-z) * b * np.exp(-a * pl) / len_l
+    if name == "sft":
+        return -pw, 1 / len_w, 0.0
+    if name == "sft_trl":
+        return -lw / q["len_bar"], 1 / q["len_bar"], 0.0
+    if name == "cpo_trl":
+        z, e = b * (lw - ll), q["eps"]
+        c = b * ((1 - e) * s(-z) - e * s(z))
+        return -(1 - e) * ls(z) - e * ls(-z) - q["alpha"] * lw / q["len_bar"], c + q["alpha"] / q["len_bar"], c
+    if name in ("dpo_forward_kl", "dpo_js", "dpo_alpha_div"):
+        if name == "dpo_forward_kl":
+            S, dS = (lambda r: 1 - np.exp(-r)), (lambda r: np.exp(-r))
+        elif name == "dpo_js":
+            S, dS = ls, (lambda r: s(-r))
+        else:
+            k = q["alpha"] - 1
+            S, dS = (lambda r: (np.exp(k * r) - 1) / k), (lambda r: np.exp(k * r))
+        z = b * (S(rw) - S(rl))
+        return -ls(z), b * s(-z) * dS(rw), b * s(-z) * dS(rl)
+    if name == "ld_dpo":
+        m, a = min(len_w, len_l), q["alpha"]
+        cw, cl = (m + a * (len_w - m)) / len_w, (m + a * (len_l - m)) / len_l
+        z = b * (rw * cw - rl * cl)
+        return -ls(z), b * s(-z) * cw, b * s(-z) * cl
+    if name == "wpo":
+        w = np.exp(pw + pl)  # detached: no derivative of the weight
+        return w * -ls(b * h), w * b * s(-b * h), w * b * s(-b * h)
+    if name == "apo_zero_unpaired":
+        return (q["lambda_d"] * (1 - s(b * rw)) + q["lambda_u"] * s(b * rl), q["lambda_d"] * b * ds(b * rw),
+                q["lambda_u"] * b * ds(b * rl))
+    if name == "alphapo_sum":
+        a, e = q["alpha"], q["eps"]
+        z = b * ((1 - np.exp(-a * lw)) / a - (1 - np.exp(-a * ll)) / a)
+        c = (1 - e) * s(-z) - e * s(z)
+        return -(1 - e) * ls(z) - e * ls(-z), b * c * np.exp(-a * lw), b * c * np.exp(-a * ll)
+    if name == "cal_dpo":
+        c = 1 / (2 * b)
+        return (-ls(h) + ((rw - c) ** 2 + (rl + c) ** 2) / 2, s(-h) - (rw - c), s(-h) + rl + c)
+    if name == "dpo_shift":
+        z = b * (rw - q["lam"] * rl)
+        return -ls(z), b * s(-z), b * q["lam"] * s(-z)
+    raise KeyError(name)
+
+
+HAND_POINTS = [  # lw, ll, lw_ref, ll_ref, len_w, len_l: chosen above / below its reference, hinge on / off
+    (-5.2, -7.9, -6.1, -6.6, 4.0, 7.0), (-9.6, -4.5, -7.5, -5.0, 6.0, 3.0), (-3.0, -20.0, -8.0, -9.0, 5.0, 10.0)]
+
+
+def varied(name):
+    """Every parameter moved off its default (a wrong parameter wiring shows)."""
+    return {k: v * 0.77 if v else 0.2 for k, v in losses.get(name).defaults.items()}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_hand_value_and_weights_of_every_loss(name):
+    loss, d = losses.get(name), symbolic.derive(name)
+    for params in (loss.params(), loss.params(**varied(name))):
+        for pt in HAND_POINTS:
+            L, d_w, d_l = hand(name, *pt, **params)
+            assert float(loss("numpy", *pt, **params)) == pytest.approx(L, rel=1e-12, abs=1e-13)
+            w = d.weights(*pt, **params)
+            assert float(w[0]) == pytest.approx(d_w, rel=1e-10, abs=1e-13), "d_w"
+            assert float(w[1]) == pytest.approx(d_l, rel=1e-10, abs=1e-13), "d_l"
+
+
 # ---- registry behaviour ----------------------------------------------------------------------
 
 def test_registry_covers_the_issue_losses():
     required = {"dpo", "ipo", "ipo_norm", "hinge", "slic_hf", "simpo", "r_dpo", "cpo", "rrhf", "orpo", "kto",
                 "dpop", "rpo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
-                "apo_down", "discopop", "sigmoid_norm"}
+                "apo_down", "discopop", "sigmoid_norm", "alphapo",
+                # issue 14: trl batch forms, f-DPO, LD-DPO, WPO, SFT, APO unpaired, AlphaPO sums, Cal-DPO, DPO-Shift
+                "sft", "sft_trl", "rpo_trl", "cpo_trl", "orpo_trl", "dpo_forward_kl", "dpo_js", "dpo_alpha_div",
+                "ld_dpo", "wpo", "apo_zero_unpaired", "alphapo_sum", "cal_dpo", "dpo_shift"}
     assert required <= set(ALL)
     for name in ALL:
         loss = losses.get(name)
@@ -138,6 +316,21 @@ def test_unsupported_losses_say_why():
     for name in ("aot", "aot_unpaired"):
         with pytest.raises(GesimError, match="not supported.*sort"):
             losses.get(name)
+
+
+def test_aot_weights_of_one_pair_are_dpo_weights_and_follow_the_sort():
+    """With one pair AOT is DPO; with two, the pair holding the larger policy margin gets the
+    weight computed from the larger reference margin (hand-computed)."""
+    d_w, d_l = losses.aot_weights([-5.0], [-7.0], [-6.0], [-6.5], beta=0.1)
+    assert float(d_w[0]) == pytest.approx(0.1 * sig(-0.1 * 1.5)) and float(d_l[0]) == float(d_w[0])
+    lw, ll, lw_ref, ll_ref = [-1.0, -4.0], [-3.0, -1.0], [-2.0, -2.0], [-2.5, -1.0]  # margins 2, -3; ref .5, -1
+    d_w, d_l = losses.aot_weights(lw, ll, lw_ref, ll_ref, beta=0.5)
+    expect = [0.5 / 2 * sig(-0.5 * (2 - 0.5)), 0.5 / 2 * sig(-0.5 * (-3 + 1))]
+    np.testing.assert_allclose(d_w, expect)
+    np.testing.assert_allclose(d_l, expect)
+    d_w, d_l = losses.aot_weights(lw, ll, lw_ref, ll_ref, beta=0.5, unpaired=True)  # rw = 1, -2; rl = -.5, 0
+    np.testing.assert_allclose(d_w, [0.25 * sig(-0.5 * (1 - 0)), 0.25 * sig(-0.5 * (-2 + 0.5))])
+    np.testing.assert_allclose(d_l, [0.25 * sig(-0.5 * (-2 + 0.5)), 0.25 * sig(-0.5 * (1 - 0))])
 
 
 def test_unknown_loss_suggests_the_closest_name():
@@ -219,8 +412,18 @@ def test_property_weights_equal_autograd_for_any_parameters(case, seed):
     ll = torch.tensor(pt["ll"], dtype=torch.float64, requires_grad=True)
     rest = [torch.tensor(pt[k], dtype=torch.float64) for k in ("lw_ref", "ll_ref", "len_w", "len_l")]
     value = loss("torch", lw, ll, *rest, **params)
-    g_lw, g_ll = torch.autograd.grad(value, (lw, ll))
+    g_lw, g_ll = grads(value, lw, ll)
     assert float(value) == pytest.approx(float(loss("numpy", **pt, **params)), rel=1e-9, abs=1e-9)
     d_w, d_l = d.weights(**pt, **params)
     assert float(d_w) == pytest.approx(-float(g_lw), rel=1e-8, abs=1e-10)
     assert float(d_l) == pytest.approx(float(g_ll), rel=1e-8, abs=1e-10)
+
+
+def test_table_rows_carry_the_trl_record():
+    row = symbolic.derive("ipo_norm").row()
+    assert row["trl"]["trainer"] == "DPOTrainer" and row["trl"]["loss_type"] == "ipo"
+    assert row["trl"]["params"] == {"tau": "beta"} and row["trl"]["version"] == losses.TRL_VERSION
+    assert symbolic.derive("kto").row()["trl"]["scale"] == 0.5
+    assert symbolic.derive("rpo_trl").row()["trl"]["loss_type"] == ["sigmoid", "sft"]
+    assert symbolic.derive("slic_hf").row()["trl"] is None
+    assert '"trl": null' in symbolic.table(["slic_hf"], fmt="json")

@@ -8,12 +8,17 @@ from hypothesis import strategies as st
 from gesim import lm
 from gesim.errors import GesimError
 from gesim.methods.averaging import (
+    author_blocks,
     average,
     average_blocks,
     blocks,
     fit_hma,
+    fit_hma_authors,
     hma_ratios,
+    hma_ratios_authors,
     linear_names,
+    merge_authors,
+    text_mask,
 )
 from gesim.transformer.model import GPT, GPTConfig
 
@@ -168,3 +173,93 @@ def test_fit_hma_l1_holds_the_middle_block_and_minibatches_run(hma_problem):
     assert abs(held["ratios"][1] - 0.3) < abs(free["ratios"][1] - 0.3)
     small = fit_hma(m0, theta0, theta, ids, mask, 0.3, steps=5, batch_size=3, seed=1)
     assert len(small["nll"]) == 6 and abs(sum(small["ratios"]) / 3 - 0.3) < 1e-12
+
+
+# ---- HMA as the authors' code defines it ------------------------------------------------------
+
+def test_author_blocks_split_as_the_authors_code():
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(26)] + ["model.embed_tokens.weight"]
+    b3 = author_blocks(names)  # 26 layers: < 8, < 16, rest
+    assert [b3[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(26)] == [0] * 8 + [1] * 8 + [2] * 10
+    assert "model.embed_tokens.weight" not in b3
+    deep = author_blocks([f"h.{i}.w" for i in range(40)])  # more than 30 layers: < 11, < 21, rest
+    assert [deep[f"h.{i}.w"] for i in range(40)] == [0] * 11 + [1] * 10 + [2] * 19
+    b4 = author_blocks(names, "block4")  # int(26 / 4) = 6 layers each, the remainder to the last
+    assert [b4[f"model.layers.{i}.mlp.up_proj.weight"] for i in range(26)] == [0] * 6 + [1] * 6 + [2] * 6 + [3] * 8
+    assert author_blocks(["h.0.w", "h.1.w", "h.2.w"], "layerwise") == {"h.0.w": 0, "h.1.w": 1, "h.2.w": 2}
+    assert author_blocks(["h.0.w", "h.1.w", "h.2.w"], (1, 2)) == {"h.0.w": 0, "h.1.w": 1, "h.2.w": 2}
+    for bad in ("block0", "blocks", (3, 1), "thirds"):
+        with pytest.raises(GesimError, match="block scheme"):
+            author_blocks(names, bad)
+
+
+@given(st.lists(st.floats(-30, 30), min_size=1, max_size=8), st.floats(0.01, 0.99))
+def test_authors_ratios_keep_the_mean_and_stay_in_their_range(s, a):
+    """Mean a exactly; the SFT weight w_k = 1 - a_k lies in (0, K (1 - a)), so a_k in (1 - K (1 - a), 1]."""
+    ratios = hma_ratios_authors(torch.tensor(s, dtype=DT), a)
+    K = len(s)
+    assert abs(float(ratios.mean()) - a) <= 1e-12
+    assert bool((ratios <= 1).all()) and bool((ratios >= 1 - K * (1 - a) - 1e-12).all())
+    by_hand = [1 - (1 - a) * K * (1 / (1 + torch.exp(torch.tensor(-x, dtype=DT))) + 1e-6)
+               / sum(1 / (1 + torch.exp(torch.tensor(-y, dtype=DT))) + 1e-6 for y in s) for x in s]
+    assert torch.allclose(ratios, torch.stack(by_hand), rtol=0, atol=1e-12)
+
+
+def test_authors_merge_moves_only_the_linear_layers(pair):
+    m0, m = pair
+    theta0, theta = dict(m0.named_parameters()), dict(m.named_parameters())
+    linear = linear_names(m)
+    block_of = author_blocks(sorted(linear), (1, 2))  # GPT with 3 layers: one block per layer
+    out = merge_authors(theta0, theta, [0.2, 0.5, 0.9], block_of)
+    for n in theta:
+        if n in block_of:
+            r = [0.2, 0.5, 0.9][int(n.split(".")[1])]
+            assert torch.equal(out[n], (1 - r) * theta0[n] + r * theta[n])
+        else:  # embeddings, LayerNorms and the tied head stay before alignment
+            assert torch.equal(out[n], theta0[n])
+    assert {"wte.weight", "blocks.0.ln_1.weight", "ln_f.bias"} <= set(theta) - set(block_of)
+    fixed = merge_authors(theta0, theta, [0.2, 0.5, 0.9], block_of, fixed=["ln_f.weight"], a=0.7)
+    assert torch.equal(fixed["ln_f.weight"], 0.3 * theta0["ln_f.weight"] + 0.7 * theta["ln_f.weight"])
+
+
+def _authors_penalty(ratios, block_of, a):
+    """sum over Linear modules m of 25 / (|layer_m - L // 2| + 1) |w_k(m) - w|, written out."""
+    modules = {}
+    for n, k in block_of.items():
+        modules[n.rsplit(".", 1)[0]] = (int(n.split(".")[1]), k)
+    L = 1 + max(i for i, _ in modules.values())
+    return sum(25 / (abs(i - L // 2) + 1) * abs((1 - ratios[k]) - (1 - a)) for i, k in modules.values())
+
+
+def test_fit_hma_authors_objective_is_the_causal_lm_loss_plus_the_distance_weighted_penalty(hma_problem):
+    m0, theta0, theta, ids, _ = hma_problem
+    full = torch.ones_like(ids)  # the collected text: every token counts
+    a, reg = 0.8, 1e-2
+    two = fit_hma_authors(m0, theta0, theta, ids, full, a, blocks=(2, 4), steps=2, lr=0.5, reg=reg)
+    one = fit_hma_authors(m0, theta0, theta, ids, full, a, blocks=(2, 4), steps=1, lr=0.5, reg=reg)
+    probe = _gpt(5, n_layer=6)
+    plain = average(theta0, theta, a, select="linear", model=m0)  # Linear-only averaging at a ...
+    plain = {n: plain[n] if n in two["blocks"] else theta0[n] for n in theta}  # ... the rest before alignment
+    assert two["loss"][0] == pytest.approx(_nll(probe, plain, ids, full), rel=1e-12)  # penalty 0 at the start
+    r1 = one["ratios"]
+    expected = _nll(probe, one["state"], ids, full) + reg * _authors_penalty(r1, two["blocks"], a)
+    assert two["loss"][1] == pytest.approx(expected, rel=1e-12)
+    assert abs(sum(two["ratios"]) / 3 - a) < 1e-12 and max(two["ratios"]) <= 1
+    assert all(abs(w - (1 - r)) < 1e-15 for w, r in zip(two["sft_weights"], two["ratios"]))
+
+
+def test_fit_hma_authors_lowers_the_loss_and_refuses_bad_input(hma_problem):
+    m0, theta0, theta, ids, _ = hma_problem
+    full = torch.ones_like(ids)
+    fit = fit_hma_authors(m0, theta0, theta, ids, full, 0.6, blocks="layerwise", steps=20, lr=0.2, reg=0.0)
+    assert len(fit["ratios"]) == 6 and fit["nll"][-1] < fit["nll"][0]
+    assert min(fit["ratios"]) >= 1 - 6 * 0.4 - 1e-12 and max(fit["ratios"]) <= 1
+    with pytest.raises(GesimError, match="mean ratio"):
+        fit_hma_authors(m0, theta0, theta, ids, full, 1.0)
+    with pytest.raises(GesimError, match="empty"):  # the code's block3 splits at layers 8 and 16
+        fit_hma_authors(m0, theta0, theta, ids, full, 0.6, blocks="block3")
+
+
+def test_text_mask_covers_prompt_and_response_up_to_the_last_response_token():
+    mask = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]])
+    assert text_mask(mask).tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]]

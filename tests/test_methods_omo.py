@@ -194,3 +194,120 @@ def test_misaligned_base_raises():
         OnlineMerging(model.parameters(), dict(model.named_parameters()), ref)
     with pytest.raises(GesimError, match="shape"):
         merge_update(torch.zeros(3), torch.zeros(4))
+
+
+# ---- the reference code's behaviours, one switch each, against hand-written steps ------------
+
+def test_clamp_switch_clamps_the_rescaled_tau_and_an_l1_rescaled_update():
+    dtheta = torch.tensor([0.2, -0.4, 0.6, -0.8], dtype=DT)
+    tau = torch.tensor([0.3, -0.05, 0.9, 0.02], dtype=DT)
+    mask = torch.tensor([True, True, False, True])
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    keep_d = torch.rand(4, generator=gen()) < 0.5
+    # rescale by 1/p = 2: tau kept [0.6, -0.1, 0, 0.04] -> clamp at 0.5: [0.5, -0.1, 0, 0.04]
+    t = torch.tensor([0.5, -0.1, 0.0, 0.04], dtype=DT)
+    d = torch.where(keep_d, 2 * dtheta, torch.zeros_like(dtheta))  # the update is not clamped (no L1 rescale)
+    out = merge_update(dtheta, tau, "dare", alpha=0.25, p=0.5, rescale=True, clamp=0.5, tau_mask=mask,
+                       generator=gen())
+    assert torch.allclose(out, 0.75 * d + 0.25 * t, rtol=0, atol=1e-15)
+    # with the L1 rescale the update is rescaled to its L1 norm, then clamped too
+    kept = torch.where(keep_d, dtheta, torch.zeros_like(dtheta))
+    d = (kept * dtheta.abs().sum() / kept.abs().sum()).clamp(-0.5, 0.5)
+    out = merge_update(dtheta, tau, "dare", alpha=0.25, p=0.5, rescale=True, l1_rescale=True, clamp=0.5,
+                       tau_mask=mask, generator=gen())
+    assert torch.allclose(out, 0.75 * d + 0.25 * t, rtol=0, atol=1e-15)
+
+
+def test_topk_floor_keeps_int_p_n_and_skips_masking_below_one():
+    x = torch.tensor([3.0, -1.0, 0.5, -2.0, 4.0, -0.2], dtype=DT)
+    zero = torch.zeros_like(x)
+    # p = 0.4, n = 6: ceil(2.4) = 3 entries (gesim), int(2.4) = 2 entries (code)
+    assert merge_update(x, zero, "ties", p=0.4).tolist() == [3.0, 0.0, 0.0, -2.0, 4.0, 0.0]
+    assert merge_update(x, zero, "ties", p=0.4, topk="floor").tolist() == [3.0, 0.0, 0.0, 0.0, 4.0, 0.0]
+    # p = 0.1: ceil(0.6) = 1 entry (gesim); int(0.6) = 0 < 1, so the code keeps everything
+    assert merge_update(x, zero, "ties", p=0.1).tolist() == [0.0, 0.0, 0.0, 0.0, 4.0, 0.0]
+    assert merge_update(x, zero, "ties", p=0.1, topk="floor").tolist() == x.tolist()
+
+
+def test_ties_l1_rescale_restores_each_terms_l1_norm():
+    dtheta = torch.tensor([3.0, -1.0, 0.5, -2.0, 4.0, -0.2], dtype=DT)  # |.|_1 = 10.7, top 3: 3, -2, 4 (9)
+    tau = torch.tensor([-1.0, 2.0, -3.0, 5.0, 4.0, 1.0], dtype=DT)  # |.|_1 = 16, top 3: -3, 5, 4 (12)
+    d = torch.tensor([3.0, 0, 0, -2.0, 4.0, 0], dtype=DT) * 10.7 / 9
+    t = torch.tensor([0, 0, -3.0, 5.0, 4.0, 0], dtype=DT) * 16 / 12
+    x, y = 0.75 * d, 0.25 * t
+    gamma = torch.sign(x + y)
+    expected = torch.where(torch.sign(x) == gamma, x, 0 * x) + torch.where(torch.sign(y) == gamma, y, 0 * y)
+    out = merge_update(dtheta, tau, "ties", alpha=0.25, p=0.5, l1_rescale=True)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-14)
+
+
+def test_unweighted_vote_counts_a_zero_sum_as_positive_like_the_code():
+    d, t = torch.tensor([1.0, -1.0], dtype=DT), torch.tensor([-1.0, 1.0], dtype=DT)
+    # d + t = 0 at both: the code elects +, keeping the positive term (weighted by 0.5 each here)
+    assert merge_update(d, t, "ties", alpha=0.5, p=1.0, sign_vote="unweighted").tolist() == [0.5, 0.5]
+    assert merge_update(d, t, "ties", alpha=0.5, p=1.0).tolist() == [0.0, 0.0]  # the paper's vote: a tie
+
+
+def _hand_adam(w, grads_fn, steps, lr, wd, merge, every, decay_after_merge, betas=(0.9, 0.999), eps=1e-8):
+    """Adam written out by hand, with decoupled decay before the step (AdamW) or after the merge (code),
+    and a merge of the K-step change every ``every`` steps."""
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    cached, anchor = torch.zeros_like(w), w.clone()
+    path = []
+    for t in range(1, steps + 1):
+        g = grads_fn(w)
+        if not decay_after_merge:
+            w = w * (1 - lr * wd)
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        step = -lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+        w = w + step
+        cached = cached + step
+        if t % every == 0:
+            dtheta = cached if decay_after_merge else w - anchor
+            w = w - dtheta + merge(dtheta)
+            cached, anchor = torch.zeros_like(w), None
+        if decay_after_merge:
+            w = w * (1 - lr * wd)
+        if anchor is None:
+            anchor = w.clone()
+        path.append(w.clone())
+    return path
+
+
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("after", [False, True])
+def test_weight_decay_before_the_step_or_after_the_merge_against_a_hand_written_adam(every, after):
+    target = torch.tensor([0.5, -1.0, 2.0], dtype=DT)
+    w0 = torch.tensor([1.0, 0.3, -0.7], dtype=DT)
+    base, ref = torch.tensor([0.1, 0.0, -0.2], dtype=DT), torch.tensor([0.4, -0.3, 0.1], dtype=DT)
+    alpha, lr, wd = 0.3, 0.05, 0.2
+    grads = lambda w: 2 * (w - target)  # noqa: E731  gradient of ||w - target||^2
+    hand = _hand_adam(w0.clone(), grads, 5, lr, wd, lambda d: (1 - alpha) * d + alpha * (ref - base), every, after)
+    w = torch.nn.Parameter(w0.clone())
+    opt = OnlineMerging([w], [base], [ref], lr=lr, weight_decay=wd, method="dare", alpha=alpha, p=1.0, every=every,
+                        decay_after_merge=after)
+    for expected in hand:
+        opt.zero_grad()
+        ((w - target) ** 2).sum().backward()
+        opt.step()
+        assert torch.allclose(w.detach(), expected, rtol=0, atol=1e-13)
+
+
+def test_code_variant_switches():
+    from gesim.methods.omo import code_variant
+
+    assert code_variant("dare") == dict(rescale=True, clamp=1.0, mask_once=True, decay_after_merge=True)
+    assert code_variant("ties")["topk"] == "floor" and code_variant("ties")["sign_vote"] == "unweighted"
+    model = _gpt()
+    base, ref = _deltas(model)
+    for method in ("dare", "ties"):  # the optimizer accepts them and trains
+        m = copy.deepcopy(model)
+        _train(m, OnlineMerging(m.parameters(), base, ref, lr=1e-2, method=method, alpha=0.1, p=0.5, seed=0,
+                                **code_variant(method)), steps=2)
+    with pytest.raises(GesimError):
+        code_variant("dora")
+    with pytest.raises(GesimError):
+        OnlineMerging(model.parameters(), base, ref, topk="round")
+    with pytest.raises(GesimError):
+        OnlineMerging(model.parameters(), base, ref, clamp=-1.0)

@@ -152,8 +152,8 @@ def test_ches_definitions():
     pos_l = (b.rejected_mask[1, 1:] == 1).nonzero()[:, 0]
     s_w, s_l = hidden[0][0, pos_w].sum(0), hidden[1][0, pos_l].sum(0)
     assert torch.isclose(out["ches"][1], s_w @ s_l - s_w @ s_w, rtol=1e-10)
-    diff = s_w / len(pos_w) - s_l / len(pos_l)
-    assert torch.isclose(out["ln_ches"][1], diff @ diff, rtol=1e-10)
+    m_w, m_l = s_w / len(pos_w), s_l / len(pos_l)
+    assert torch.isclose(out["ln_ches"][1], m_w @ m_l - m_w @ m_w, rtol=1e-10)  # Razin et al. eq. 5
 
 
 class _RawParam(torch.nn.Module):

@@ -103,8 +103,17 @@ def ches(model, batch: lm.PairBatch) -> dict[str, torch.Tensor]:
     Likelihood Displacement in Direct Preference Optimization", ICLR 2025, eqs. 4-5).
 
     With ``h`` the final hidden states (the LM head's input) at the positions that predict the
-    response tokens: ``ches = <sum h_w, sum h_l> - ||sum h_w||^2`` and
-    ``ln_ches = || mean h_w - mean h_l ||^2``. Each (B,).
+    response tokens, ``s = sum_k h_k`` and ``m = s / |y|`` (the response mean):
+
+    * ``ches = <s_w, s_l> - ||s_w||^2`` (eq. 4);
+    * ``ln_ches = <m_w, m_l> - ||m_w||^2`` (eq. 5, the authors' length normalisation: each
+      sum divided by its own response length). High values flag pairs whose rejected
+      response looks like the chosen one to the model, the pairs that displace likelihood;
+    * ``mean_dist2 = ||m_w - m_l||^2``, a different quantity (gesim's ``ln_ches`` before
+      issue 14): the squared distance of the mean hidden states, which grows as the pair
+      becomes *less* similar; ``mean_dist2 = ||m_l||^2 - ||m_w||^2 - 2 ln_ches``.
+
+    Each (B,), float64.
     """
     head = output_head(model)
     captured = []
@@ -125,7 +134,9 @@ def ches(model, batch: lm.PairBatch) -> dict[str, torch.Tensor]:
     B = len(batch)
     s_w, s_l = s[:B], s[B:]
     m_w, m_l = s_w / n[:B, None], s_l / n[B:, None]
-    return {"ches": (s_w * s_l).sum(-1) - (s_w * s_w).sum(-1), "ln_ches": ((m_w - m_l) ** 2).sum(-1)}
+    return {"ches": (s_w * s_l).sum(-1) - (s_w * s_w).sum(-1),
+            "ln_ches": (m_w * m_l).sum(-1) - (m_w * m_w).sum(-1),
+            "mean_dist2": ((m_w - m_l) ** 2).sum(-1)}
 
 
 def output_head(model) -> torch.nn.Module:
