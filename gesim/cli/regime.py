@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gesim import losses, symbolic
-from gesim.cli.options import add_format_option, add_param_option, dump_json, finite_float, parse_params
+from gesim.cli.options import add_format_option, add_param_option, dump_json, finite_float, parse_params, positive_float
 
 
 def add_parser(sub) -> None:
@@ -12,16 +12,16 @@ def add_parser(sub) -> None:
                        "delta_ll = eta (d_w ip - d_l nl2) and the regime for one pair.")
     p.add_argument("--loss", required=True, metavar="NAME", help="a registered loss (see `conditions`)")
     add_param_option(p)
-    for name, help_ in (("--lw", "summed chosen log-prob"), ("--ll", "summed rejected log-prob")):
+    for name, help_ in (("--lw", "summed chosen log-prob, <= 0"), ("--ll", "summed rejected log-prob, <= 0")):
         p.add_argument(name, type=finite_float, required=True, help=help_)
-    p.add_argument("--lw-ref", type=finite_float, default=0.0, help="reference chosen log-prob (default 0)")
-    p.add_argument("--ll-ref", type=finite_float, default=0.0, help="reference rejected log-prob (default 0)")
-    p.add_argument("--len-w", type=finite_float, default=1.0, help="chosen length in tokens (default 1)")
-    p.add_argument("--len-l", type=finite_float, default=1.0, help="rejected length in tokens (default 1)")
-    p.add_argument("--ip", type=finite_float, required=True, help="<g_w, g_l>")
-    p.add_argument("--nw2", type=finite_float, required=True, help="||g_w||^2")
-    p.add_argument("--nl2", type=finite_float, required=True, help="||g_l||^2")
-    p.add_argument("--eta", type=finite_float, default=1.0, help="step size (default 1)")
+    p.add_argument("--lw-ref", type=finite_float, default=0.0, help="reference chosen log-prob, <= 0 (default 0)")
+    p.add_argument("--ll-ref", type=finite_float, default=0.0, help="reference rejected log-prob, <= 0 (default 0)")
+    p.add_argument("--len-w", type=finite_float, default=1.0, help="chosen length in tokens, > 0 (default 1)")
+    p.add_argument("--len-l", type=finite_float, default=1.0, help="rejected length in tokens, > 0 (default 1)")
+    p.add_argument("--ip", type=finite_float, required=True, help="<g_w, g_l>, |ip| <= sqrt(nw2 nl2)")
+    p.add_argument("--nw2", type=finite_float, required=True, help="||g_w||^2, >= 0")
+    p.add_argument("--nl2", type=finite_float, required=True, help="||g_l||^2, >= 0")
+    p.add_argument("--eta", type=positive_float, default=1.0, help="step size, > 0 (default 1)")
     add_format_option(p)
     p.set_defaults(func=run)
 

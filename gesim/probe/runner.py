@@ -21,6 +21,7 @@ from gesim import data, losses, output, regimes, symbolic
 from gesim.errors import GesimError, unknown
 from gesim.probe import api
 from gesim.probe.encode import buckets, collate, encode_rows
+from gesim.probe.reference import selected_named
 
 COLUMNS = ("index", "len_w", "len_l", "lw", "ll", "ip", "nw2", "nl2", "cos", "ches", "ln_ches")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -57,7 +58,7 @@ def param_selector(spec: str):
     try:
         pattern = re.compile(spec)
     except re.error as err:
-        raise GesimError(f"--params {spec!r}: not 'all', 'lora' or a valid regular expression ({err})") from None
+        raise GesimError(f"--params {spec}: not 'all', 'lora' or a valid regular expression ({err})") from None
     return lambda name, p: bool(pattern.search(name))
 
 
@@ -131,12 +132,18 @@ def run_probe(args) -> int:
             raise unknown("loss", name, losses.names())
     rank, world = _dist()
     device = args.device if world == 1 or args.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    params = param_selector(args.params)
+    read = data.read_pairs(args.data)  # bad data is refused before the model loads
     model, tokenizer = load_model(args.model, args.dtype, device)
-    read = data.read_pairs(args.data)
+    try:
+        selected_named(model, params)
+    except GesimError:
+        names = [n for n, _ in model.named_parameters()][:3]
+        raise GesimError(f"--params {args.params}: selects no parameter of the model (names look like "
+                         f"{', '.join(names)}, ...)") from None
     enc = encode_rows(read.rows, tokenizer, args.max_length)
     if not enc.pairs:
         raise GesimError(f"{args.data}: every row was skipped ({dict(enc.skipped)})")
-    params = param_selector(args.params)
     shard = enc.pairs[rank::world]
     rows = measure(model, buckets(shard, args.batch_size), enc.pad_id, params, args.backend, device,
                    progress=rank == 0)
