@@ -35,11 +35,34 @@ STYLE = {
 }
 
 
+#: Palettes :func:`palette_color` walks through, in order: 60 distinct colours.
+PALETTES = ("tab20", "tab20b", "tab20c")
+
+
+def palette_color(index: int):
+    """The ``index``-th colour of an endless sequence whose colours never repeat.
+
+    The first 60 come from tab20, tab20b and tab20c; beyond them hues step by the golden
+    ratio (never returning to the same hue) at alternating saturation and value."""
+    import colorsys
+
+    if index < 20 * len(PALETTES):
+        return plt.get_cmap(PALETTES[index // 20])(index % 20)
+    k = index - 20 * len(PALETTES)
+    hue = (k * 0.6180339887498949) % 1.0
+    sat, val = (0.85, 0.55, 0.7)[k % 3], (0.6, 0.85, 0.95)[(k // 3) % 3]
+    return (*colorsys.hsv_to_rgb(hue, sat, val), 1.0)
+
+
 def loss_color(name: str):
-    """A stable colour per registered loss (registry order through tab20)."""
+    """A stable colour per loss: registry order through :func:`palette_color`, so no two
+    registered losses share a colour however many there are (an unregistered name gets a
+    colour from a hash of its name that is the same in every process)."""
+    import zlib
+
     names = losses.names()
-    index = names.index(name) if name in names else hash(name)
-    return plt.get_cmap("tab20")(index % 20)
+    index = names.index(name) if name in names else len(names) + zlib.crc32(name.encode()) % 997
+    return palette_color(index)
 
 
 def figure(nrows=1, ncols=1, width=6.0, height=4.0, **kwargs):
