@@ -65,6 +65,31 @@ def loss_color(name: str):
     return palette_color(index)
 
 
+def nested_styles(n: int) -> list[dict]:
+    """Line styles for ``n`` curves that may coincide: each later curve is drawn on top,
+    thinner and with a smaller marker of another shape, so a curve identical to an earlier
+    one shows as a line inside a line instead of hiding it."""
+    markers = "osD^vp*h<>"
+    out = []
+    for i in range(n):
+        f = 1 - 0.8 * i / max(n - 1, 1)
+        out.append({"marker": markers[i % len(markers)], "markersize": 9 * f + 2,
+                    "linewidth": 4.5 * f + 0.3, "zorder": 2 + i})
+    return out
+
+
+def same_as(label: str, y, drawn: dict, rtol: float = 1e-9) -> str:
+    """``label``, plus " (= OTHER)" when the series ``y`` equals an already ``drawn`` one
+    (``drawn``: label -> series), so a legend says which curves lie on top of each other."""
+    import numpy as np
+
+    for other, z in drawn.items():
+        if len(z) == len(y) and np.allclose(np.asarray(y, float), np.asarray(z, float), rtol=rtol, atol=1e-12,
+                                            equal_nan=True):
+            return f"{label} (= {other})"
+    return label
+
+
 def figure(nrows=1, ncols=1, width=6.0, height=4.0, **kwargs):
     """A new figure in the house style: ``(fig, axes)``."""
     with plt.rc_context(STYLE):

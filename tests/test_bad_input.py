@@ -219,3 +219,54 @@ def test_figures_help_begins_with_usage_and_a_whole_sentence():
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m gesim.figures")
     assert "\nRegenerate gesim's figures" in proc.stdout
+
+
+POINT = {"lw": -5.0, "ll": -6.0, "ip": 1.0, "nw2": 2.0, "nl2": 3.0}
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"lw": 0.5}, "lw is a summed log-probability and must be <= 0, got 0.5"),
+    ({"ll_ref": 2.0}, "ll_ref is a summed log-probability and must be <= 0, got 2"),
+    ({"len_w": -3.0}, "len_w is a response length in tokens and must be > 0, got -3"),
+    ({"nl2": -1.0}, "nl2 is a squared norm and cannot be negative, got -1"),
+    ({"eta": -0.1}, "eta is a step size and must be > 0 and finite, got -0.1"),
+])
+def test_the_python_api_refuses_what_the_cli_refuses(change, fragment):
+    from gesim import dynamics, symbolic
+    from gesim.errors import GesimError
+
+    with pytest.raises(GesimError, match=fragment.replace("(", r"\(")):
+        symbolic.derive("dpo").evaluate(**{**POINT, **change})
+    with pytest.raises(GesimError, match="must be|cannot be"):
+        dynamics.predict("simpo", **{**POINT, **change})
+
+
+def test_the_simulator_refuses_a_non_positive_step_size():
+    from gesim.errors import GesimError
+    from gesim.simulate import SimConfig, simulate
+
+    for eta in (0.0, -1.0, float("nan")):
+        with pytest.raises(GesimError, match="eta is a step size and must be > 0"):
+            simulate(SimConfig(eta=eta, instances=2, steps=1))
+
+
+def test_boundary_values_are_accepted(capsys):
+    assert gesim_main(["regime", "--loss", "dpo", "--lw", "0", "--ll", "-1", "--ip", "0", "--nw2", "0",
+                       "--nl2", "1", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["regime"] in ("ideal", "stalled", "both_down", "both_up")
+
+
+def test_a_run_that_stays_finite_is_not_called_diverged():
+    import numpy as np
+
+    from gesim.cli.simulate import divergence
+    from gesim.simulate import SimConfig, simulate
+
+    ok = simulate(SimConfig(instances=20, steps=3, suffix=8)).arrays
+    assert divergence(ok) is None
+    bad = {k: v.copy() for k, v in ok.items()}
+    bad["ll"][2, 5] = -np.inf
+    assert divergence(bad) == (2, "ll is inf/NaN")
+    zero = {k: v.copy() for k, v in ok.items()}  # a zero gradient with ip = 0: cos undefined, not divergence
+    zero["nw2"][1, 0], zero["ip"][1, 0], zero["cos"][1, 0] = 0.0, 0.0, np.nan
+    assert divergence(zero) is None
