@@ -270,3 +270,32 @@ def test_a_run_that_stays_finite_is_not_called_diverged():
     zero = {k: v.copy() for k, v in ok.items()}  # a zero gradient with ip = 0: cos undefined, not divergence
     zero["nw2"][1, 0], zero["ip"][1, 0], zero["cos"][1, 0] = 0.0, 0.0, np.nan
     assert divergence(zero) is None
+
+
+def test_transformer_divergence_is_reported_not_printed(monkeypatch, capsys):
+    import gesim.transformer.train as train
+
+    history = [{"step": 0, "loss": 0.69, "lw": -4.0, "ll": -5.0, "cos": 0.5},
+               {"step": 10, "loss": float("nan"), "lw": float("-inf"), "ll": -5.0, "cos": float("nan")}]
+    monkeypatch.setattr(train, "run", lambda *a, **k: {"history": history, "cos_last": float("nan")})
+    assert gesim_main(["transformer", "--lr", "10"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1
+    assert "diverged" in out.err and "by step 10" in out.err and "--lr 10" in out.err
+
+
+def test_probe_overflow_is_reported_not_printed(paths, monkeypatch, capsys):
+    from gesim.probe import runner
+
+    real = runner.measure
+
+    def overflowing(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        next(r for r in rows if r["index"] == 1)["nw2"] = float("inf")
+        return rows
+
+    monkeypatch.setattr(runner, "measure", overflowing)
+    out_csv = paths / "never.csv"
+    assert gesim_main(probe(str(paths / "model"), str(paths / "pairs.jsonl"), "--out", str(out_csv))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pair 1:" in err and "overflowed" in err and not out_csv.exists()

@@ -76,7 +76,7 @@ def measure(model, batches, pad_id, params, backend, device, progress=True):
     """Per-pair dicts (COLUMNS) for lists of EncodedPair batches."""
     from tqdm import tqdm
     rows = []
-    for group in tqdm(batches, desc="probe", unit="batch", file=sys.stderr, disable=not progress):
+    for group in tqdm(batches, desc="probe", unit="batch", file=sys.stderr, disable=None if progress else True):
         batch = collate(group, pad_id).to(device)
         st = api.pair_stats(model, batch, params=params, backend=backend)
         ch = api.ches(model, batch)
@@ -156,6 +156,12 @@ def run_probe(args) -> int:
             return 0
         rows = [r for part in gathered for r in part]
     rows.sort(key=lambda r: r["index"])
+    bad = next((r for r in rows if not all(np.isfinite(r[k]) for k in ("lw", "ll", "ip", "nw2", "nl2"))), None)
+    if bad is not None:  # never print an overflowed number as a measurement
+        hint = ("try --dtype float32 or float64" if args.dtype == "bfloat16" else
+                "the model's outputs are not finite there (check its weights), or try --dtype float64")
+        raise GesimError(f"pair {bad['index']}: lw, ll, ip, nw2 or nl2 overflowed to inf/NaN in --dtype {args.dtype}; "
+                         f"{hint}")
     fractions = predict_regimes(rows, loss_names)
     first = sorted(enc.pairs, key=lambda p: p.index)[:max(args.token_gram, 0)]
     grams = token_gram_summary(model, first, enc.pad_id, params, device, args.out) if first else []
