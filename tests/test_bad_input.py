@@ -299,3 +299,9 @@ def test_probe_overflow_is_reported_not_printed(paths, monkeypatch, capsys):
     assert gesim_main(probe(str(paths / "model"), str(paths / "pairs.jsonl"), "--out", str(out_csv))) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pair 1:" in err and "overflowed" in err and not out_csv.exists()
+
+
+def test_simulate_progress_in_logs_is_one_line_per_suffix(capsys):
+    assert gesim_main(["simulate", "--instances", "10", "--steps", "1", "--suffix", "0,4", "--progress"]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[1/2] suffix 0", "[2/2] suffix 4"]

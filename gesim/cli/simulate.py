@@ -47,7 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--vocab", type=positive_int, default=64, help="vocabulary size (default 64)")
     p.add_argument("--dim", type=positive_int, default=32, help="feature dimension (default 32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
+    p.add_argument("--progress", action="store_true",
+                   help="show progress on stderr: a bar on a terminal, one line per suffix length otherwise")
     add_format_option(p)
     p.set_defaults(func=run)
 
@@ -73,12 +74,19 @@ def divergence(arrays: dict):
 def suffix_rows(cfg, suffixes, progress=False) -> list[dict]:
     """One summary row per suffix length; refuses a run whose numbers overflowed."""
     import dataclasses
+    import sys
+    import time
 
     from gesim.simulate import simulate
 
+    bar = progress and sys.stderr.isatty()  # a bar on a terminal, one line per suffix in logs
     rows = []
-    for suffix in suffixes:
-        res = simulate(dataclasses.replace(cfg, suffix=int(suffix)), progress)
+    for i, suffix in enumerate(suffixes, 1):
+        t0 = time.perf_counter()
+        res = simulate(dataclasses.replace(cfg, suffix=int(suffix)), bar)
+        if progress and not bar:
+            print(f"[{i}/{len(suffixes)}] suffix {suffix}: {cfg.instances} instances x {cfg.steps} steps in "
+                  f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         hit = divergence(res.arrays)
         if hit is not None:
             step, what = hit
