@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -26,8 +27,9 @@ def _writable_folder(folder: Path, flag: str, shown) -> None:
         raise GesimError(f"{flag} {shown}: {anc} is a file, not a folder")
     try:
         fd, tmp = tempfile.mkstemp(dir=anc, prefix=".gesim-write-check.")
-    except OSError as err:
-        raise GesimError(f"{flag} {shown}: cannot write in {anc} ({err.strerror or type(err).__name__})") from None
+    except OSError as err:  # EACCES, EROFS, ...; /proc answers ENOENT, which would only confuse
+        why = "" if err.errno == errno.ENOENT else f" ({err.strerror or type(err).__name__})"
+        raise GesimError(f"{flag} {shown}: cannot write in {anc}{why}") from None
     os.close(fd)
     Path(tmp).unlink(missing_ok=True)
 

@@ -311,3 +311,14 @@ def test_simulate_progress_in_logs_is_one_line_per_suffix(capsys):
     assert gesim_main(["simulate", "--instances", "10", "--steps", "1", "--suffix", "0,4", "--progress"]) == 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["[1/2] suffix 0", "[2/2] suffix 4"]
+
+
+def test_output_checks_accept_missing_folders_without_creating_them(tmp_path):
+    from gesim.output import atomic_write_text, check_out_dir, check_out_file
+
+    target = tmp_path / "new" / "deeper" / "o.csv"
+    assert check_out_file(target) == target and not (tmp_path / "new").exists()
+    assert check_out_dir(tmp_path / "runs" / "a") == tmp_path / "runs" / "a" and not (tmp_path / "runs").exists()
+    atomic_write_text(target, "x\n")  # the writer creates the folders, as users expect
+    assert target.read_text() == "x\n" and check_out_file(target) == target  # overwriting a file is fine
+    assert not [p for p in tmp_path.rglob(".gesim-write-check*")]  # the probe file is gone
