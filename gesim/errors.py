@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 
 
 class GesimError(ValueError):
@@ -29,6 +30,12 @@ class OneLineParser(argparse.ArgumentParser):
     Every gesim command line (``python -m gesim``, ``python -m gesim.figures``) uses it, so a
     bad flag and a :class:`GesimError` read alike: ``PROG: error: MESSAGE``.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse reads "-1e3" and "-inf" as option names ("--lw -1e3: expected one argument");
+        # numbers in any float syntax are values here (no gesim option looks like a number)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-inf(inity)?$", re.I)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -79,6 +79,12 @@ CASES = [
     ("regime-eta-zero", "gesim", [*REGIME, "--eta", "0"], "argument --eta: must be > 0, got 0"),
     ("regime-eta-negative", "gesim", [*REGIME, "--eta", "-1"], "must be > 0, got -1"),
     ("regime-eta-nan", "gesim", [*REGIME, "--eta", "nan"], "must be a finite number, got nan"),
+    ("regime-overflow", "gesim", [*REGIME[:7], "--ip", "1e200", "--nw2", "1e200", "--nl2", "1e201", "--eta", "1e300"],
+     "overflowed to inf/NaN in float64"),
+    ("regime-overflow-from-log-prob", "gesim", ["regime", "--loss", "ipo", "--lw", "-1e308", *REGIME[5:]],
+     "(the largest is --lw -1e+308)"),
+    ("regime-lw-minus-inf", "gesim", ["regime", "--loss", "dpo", "--lw", "-inf", *REGIME[5:]],
+     "argument --lw: must be a finite number, got -inf"),
     ("regime-loss-without-symbolic", "gesim", ["regime", "--loss", "aot", *REGIME[3:]], "not supported"),
     ("regime-missing-ip", "gesim", REGIME[:-6] + REGIME[-4:], "--ip"),
     ("regime-bad-format", "gesim", [*REGIME, "--format", "xml"], "invalid choice: 'xml'"),
@@ -254,6 +260,12 @@ def test_the_simulator_refuses_a_non_positive_step_size():
     for eta in (0.0, -1.0, float("nan")):
         with pytest.raises(GesimError, match="eta is a step size and must be > 0"):
             simulate(SimConfig(eta=eta, instances=2, steps=1))
+
+
+def test_negative_numbers_in_exponent_form_are_values_not_options(capsys):
+    assert gesim_main(["regime", "--loss", "dpo", "--lw", "-1e1", "--ll", "-1.2e1", "--ip", "-2.5e-1", "--nw2", "1",
+                       "--nl2", "1", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["regime"] == "ideal"
 
 
 def test_boundary_values_are_accepted(capsys):

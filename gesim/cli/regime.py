@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from gesim import losses, symbolic
 from gesim.cli.options import add_format_option, add_param_option, dump_json, finite_float, parse_params, positive_float
+from gesim.errors import GesimError
 
 
 def add_parser(sub) -> None:
@@ -30,9 +35,16 @@ def run(args) -> int:
     loss = losses.get(args.loss)
     params = parse_params(args.param)
     loss.params(**params)  # validate before deriving
-    out = symbolic.derive(loss).evaluate(
-        lw=args.lw, ll=args.ll, lw_ref=args.lw_ref, ll_ref=args.ll_ref, len_w=args.len_w, len_l=args.len_l,
-        ip=args.ip, nw2=args.nw2, nl2=args.nl2, eta=args.eta, **params)
+    with np.errstate(all="ignore"):  # an overflow is reported below, in one line, not as warnings
+        out = symbolic.derive(loss).evaluate(
+            lw=args.lw, ll=args.ll, lw_ref=args.lw_ref, ll_ref=args.ll_ref, len_w=args.len_w, len_l=args.len_l,
+            ip=args.ip, nw2=args.nw2, nl2=args.nl2, eta=args.eta, **params)
+    bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        flag, value = max(((f, getattr(args, f)) for f in ("lw", "ll", "lw_ref", "ll_ref", "len_w", "len_l", "ip",
+                                                           "nw2", "nl2", "eta")), key=lambda fv: abs(fv[1]))
+        raise GesimError(f"{', '.join(bad)} overflowed to inf/NaN in float64: the inputs are too large to evaluate "
+                         f"(the largest is --{flag.replace('_', '-')} {value:g})")
     out = {"loss": loss.name, **out}
     if args.format == "json":
         print(dump_json(out))
