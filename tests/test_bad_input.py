@@ -56,7 +56,8 @@ CASES = [
     # conditions
     ("conditions-unknown-loss", "gesim", ["conditions", "--loss", "nope"], "unknown loss 'nope'"),
     ("conditions-bad-format", "gesim", ["conditions", "--format", "html"], "invalid choice: 'html'"),
-    ("conditions-unknown-flag", "gesim", ["conditions", "--colour"], "unrecognized arguments: --colour"),
+    ("conditions-unknown-flag", "gesim", ["conditions", "--colour"],
+     "python -m gesim conditions: error: unrecognized arguments: --colour"),
     # regime
     ("regime-unknown-loss", "gesim", ["regime", "--loss", "dpx", *REGIME[3:]], "did you mean 'dpo'"),
     ("regime-unknown-param", "gesim", [*REGIME, "--param", "gamma=1"], "unknown parameter"),

@@ -35,12 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # a command not built yet
             raise
         module.add_parser(sub)
+    parser.commands = sub.choices  # command name -> its parser
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # report an unknown flag under the command it was given to
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     prog = f"{parser.prog} {args.command}"
     try:
         return args.func(args) or 0
