@@ -201,10 +201,17 @@ def test_bad_input_is_one_line_exit_2_no_traceback(case, paths, capsys, one_thre
     assert _fill([fragment], paths)[0] in lines[0], lines[0]
 
 
-def test_device_cuda_without_cuda_is_refused_before_training(capsys):
+def test_device_cuda_without_cuda_is_refused_before_any_work(paths, capsys, monkeypatch):
     if _cuda():
         pytest.skip("a CUDA device is present")
+    import gesim.probe.runner as runner
+    import gesim.transformer.train as train
+
+    monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     assert _call(gesim_main, ["transformer", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert _call(gesim_main, _fill(probe("{model}", "{pairs}", "--device", "cuda"), paths)) == 2
     assert "no CUDA device" in capsys.readouterr().err
 
 

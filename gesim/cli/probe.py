@@ -68,6 +68,11 @@ def run(args) -> int:
     if not Path(args.model).is_dir():
         raise GesimError(f"--model {args.model}: not a directory written by save_pretrained")
     check_out_file(args.out, "--out")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise GesimError("--device cuda was asked for but no CUDA device is available")
     if not sys.stderr.isatty():  # logs get our lines, not transformers' loading bars
         from transformers.utils import logging as hf_logging
 
