@@ -2,12 +2,65 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from gesim.errors import GesimError
+
+
+def _writable_folder(folder: Path, flag: str, shown) -> None:
+    """Refuse unless ``folder`` is (or can be created as) a folder we may write in.
+
+    Walks up to the nearest existing ancestor: it must be a folder, and a probe file must be
+    creatable in it (``os.access`` is not enough: it says yes to root under /proc)."""
+    anc = folder
+    while not anc.exists():
+        if anc.parent == anc:
+            break
+        anc = anc.parent
+    if anc.exists() and not anc.is_dir():
+        raise GesimError(f"{flag} {shown}: {anc} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=anc, prefix=".gesim-write-check.")
+    except OSError as err:  # EACCES, EROFS, ...; /proc answers ENOENT, which would only confuse
+        why = "" if err.errno == errno.ENOENT else f" ({err.strerror or type(err).__name__})"
+        raise GesimError(f"{flag} {shown}: cannot write in {anc}{why}") from None
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)
+
+
+def check_out_file(path, flag: str = "--out") -> Path:
+    """Check, before any work, that a result file can be written at ``path``.
+
+    Refused (one :class:`GesimError` naming ``flag`` and the path as typed): an existing
+    folder at ``path``, a file where a parent folder should be, a folder we may not write
+    in. Missing parent folders are fine: :func:`atomic_write_bytes` creates them."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        raise GesimError(f"{flag} {path}: is a folder; give a file name (e.g. {p / 'out.csv'})")
+    _writable_folder(p.parent if str(p.parent) else Path("."), flag, path)
+    return p
+
+
+def check_out_dir(path, flag: str = "--outdir") -> Path:
+    """Check, before any work, that ``path`` is or can become a folder we may write in.
+
+    Refused: an existing file at ``path`` (or at a parent), a folder we may not write in.
+    A missing folder is fine (created when the first result is written)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise GesimError(f"{flag} {path}: is a file, not a folder")
+    _writable_folder(p, flag, path)
+    return p
 
 
 def atomic_write_bytes(path, data: bytes) -> Path:

@@ -117,7 +117,7 @@ class Derivation:
         if check:
             regimes.check_geometry(ip, nw2, nl2)
             if not (np.all(np.isfinite(eta)) and np.all(np.asarray(eta) > 0)):
-                raise GesimError(f"eta must be a positive finite step size, got {eta}")
+                raise GesimError(f"eta is a step size and must be > 0 and finite, got {eta}")
         d_w, d_l = self.weights(lw, ll, lw_ref, ll_ref, len_w, len_l, **params)
         delta_lw, delta_ll = regimes.first_order(d_w, d_l, np.asarray(ip, float), np.asarray(nw2, float),
                                                  np.asarray(nl2, float), eta)
@@ -156,11 +156,21 @@ def _trl_row(trl) -> dict | None:
 
 
 def _check_data(args):
+    """Refuse data no pair can have: NaN/inf, a log-probability above 0, a length <= 0."""
     for name, a in zip(("lw", "ll", "lw_ref", "ll_ref", "len_w", "len_l"), args):
         if not np.all(np.isfinite(a)):
-            raise GesimError(f"{name} must be finite, got a NaN or infinity")
-    if np.any(args[4] <= 0) or np.any(args[5] <= 0):
-        raise GesimError("len_w and len_l are response lengths and must be positive")
+            raise GesimError(f"{name} must be finite, got {_first(a, ~np.isfinite(a))}")
+    for name, a in zip(("lw", "ll", "lw_ref", "ll_ref"), args):
+        if np.any(a > 0):
+            raise GesimError(f"{name} is a summed log-probability and must be <= 0, got {_first(a, a > 0):g}")
+    for name, a in zip(("len_w", "len_l"), args[4:]):
+        if np.any(a <= 0):
+            raise GesimError(f"{name} is a response length in tokens and must be > 0, got {_first(a, a <= 0):g}")
+
+
+def _first(a, mask):
+    """The first entry of ``a`` where ``mask`` holds (for messages)."""
+    return float(np.broadcast_to(a, np.shape(mask))[mask].flat[0]) if np.ndim(mask) else float(a)
 
 
 def _simplify(expr: sp.Expr) -> sp.Expr:

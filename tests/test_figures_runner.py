@@ -43,3 +43,34 @@ def test_figure_seed_depends_on_seed_and_name_only():
     a = figures.Context("x", seed=1).figure_seed
     assert a == figures.Context("x", seed=1, mode="full").figure_seed
     assert a != figures.Context("y", seed=1).figure_seed != figures.Context("x", seed=2).figure_seed
+
+
+def test_runner_prints_one_line_per_finished_figure_when_stderr_is_not_a_terminal(tmp_path, capsys):
+    assert main(["--only", "condition_phase_diagram,first_order_error", "--outdir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["[1/2] condition_phase_diagram", "[2/2] first_order_error"]
+    assert all(str(tmp_path) in line for line in lines)
+
+
+def test_outdir_that_is_a_file_is_refused_before_any_figure_is_drawn(tmp_path, capsys, monkeypatch):
+    import gesim.figures.__main__ as runner
+
+    monkeypatch.setattr(runner, "run_one", lambda *a: pytest.fail("a figure was drawn"))
+    (tmp_path / "f").write_text("")
+    assert main(["--only", "condition_phase_diagram", "--outdir", str(tmp_path / "f")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_missing_outdir_is_created(tmp_path):
+    assert main(["--only", "condition_phase_diagram", "--outdir", str(tmp_path / "a" / "b")]) == 0
+    assert (tmp_path / "a" / "b" / "condition_phase_diagram.png").exists()
+
+
+def test_loss_colours_never_repeat_however_many_losses():
+    from gesim import losses, plotting
+
+    colours = [plotting.loss_color(n)[:3] for n in losses.names()]
+    assert len(set(colours)) == len(colours)
+    endless = [plotting.palette_color(i)[:3] for i in range(1000)]
+    assert len(set(endless)) == 1000
+    assert plotting.loss_color("not_a_loss") == plotting.loss_color("not_a_loss")

@@ -63,13 +63,13 @@ def test_cli_text_summary_and_counts(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--loss", "dpoo"], "unknown loss 'dpoo'"),
-    (["--params", "("], "--params '(': not 'all', 'lora' or a valid regular expression"),
+    (["--params", "("], "--params (: not 'all', 'lora' or a valid regular expression"),
     (["--params", "nomatch"], "selects no parameter"),
 ])
 def test_cli_errors_are_one_line_exit_2(tiny, capsys, extra, message):
     rc = main(["probe", "--model", str(tiny / "model"), "--data", str(tiny / "pairs.jsonl"), *extra])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and message in err[-1] and err[-1].startswith("gesim probe: error:")
+    assert rc == 2 and message in err[-1] and err[-1].startswith("python -m gesim probe: error:")
 
 
 def test_cli_missing_model_dir(tmp_path, capsys):

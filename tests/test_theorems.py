@@ -50,7 +50,8 @@ def step_check(name, seed, etas, **params):
     g_w = torch.autograd.grad(lw, W, retain_graph=True)[0].reshape(-1)
     g_l = torch.autograd.grad(ll, W, retain_graph=True)[0].reshape(-1)
     lw_, ll_ = float(lw.detach()), float(ll.detach())
-    data = {"lw": lw_, "ll": ll_, "lw_ref": lw_ + float(offsets[0]), "ll_ref": ll_ + float(offsets[1]),
+    data = {"lw": lw_, "ll": ll_, "lw_ref": min(lw_ + float(offsets[0]), 0.0),  # a log-prob is <= 0
+            "ll_ref": min(ll_ + float(offsets[1]), 0.0),
             "len_w": float(len(seq_w[1])), "len_l": float(len(seq_l[1]))}
     L = losses.get(name)("torch", lw, ll, data["lw_ref"], data["ll_ref"], data["len_w"], data["len_l"], **params)
     grad = torch.autograd.grad(L, W)[0]

@@ -12,17 +12,13 @@ import argparse
 import importlib
 import sys
 
-from gesim.errors import GesimError
+from gesim.errors import GesimError, OneLineParser, one_line
 
 #: Command modules, in the order ``--help`` lists them.
 COMMANDS = ("conditions", "regime", "simulate", "transformer", "probe")
 
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (with a pointer to --help), exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+#: The parser class of every gesim command line (a usage error is one line, exit code 2).
+Parser = OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,17 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # a command not built yet
             raise
         module.add_parser(sub)
+    parser.commands = sub.choices  # command name -> its parser
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # report an unknown flag under the command it was given to
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    prog = f"{parser.prog} {args.command}"
     try:
         return args.func(args) or 0
     except GesimError as err:
-        print(f"gesim {args.command}: error: {err}", file=sys.stderr)
+        print(one_line(prog, err), file=sys.stderr)
+        return 2
+    except OSError as err:  # an output that became unwritable mid-run (disk full, folder removed)
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        print(one_line(prog, f"{err.strerror or err}{where}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gesim {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -28,7 +28,8 @@ Scaling out
 
 from __future__ import annotations
 
-from gesim.cli.options import add_format_option, positive_int
+from gesim import registries
+from gesim.cli.options import add_format_option, nonnegative_int, positive_int
 
 
 def add_parser(sub) -> None:
@@ -44,16 +45,38 @@ def add_parser(sub) -> None:
     p.add_argument("--max-length", type=positive_int, default=512, help="truncate responses beyond this (default 512)")
     p.add_argument("--params", default="all", metavar="all|lora|REGEX",
                    help="parameters: all trainable, LoRA factors, or names matching REGEX (default all)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=registries.DTYPES, default="float32",
+                   help="dtype the model is loaded in (default float32)")
+    p.add_argument("--device", choices=registries.DEVICES, default="cpu", help="device (default cpu)")
     p.add_argument("--loss", action="append", metavar="NAME", help="loss(es) to predict regimes for (default dpo)")
-    p.add_argument("--token-gram", type=int, default=0, metavar="K",
+    p.add_argument("--token-gram", type=nonnegative_int, default=0, metavar="K",
                    help="also compute token Grams for the first K pairs (summary; .npz next to --out)")
-    p.add_argument("--backend", choices=("fast", "func", "reference"), default="fast", help="probe backend")
+    p.add_argument("--backend", choices=registries.PROBE_BACKENDS, default="fast",
+                   help="probe backend (default fast; auto picks fast where supported)")
     add_format_option(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from gesim.errors import GesimError
+    from gesim.output import check_out_file
+
+    # paths first, then the data (in run_probe), and only then the model loads
+    if not Path(args.model).is_dir():
+        raise GesimError(f"--model {args.model}: not a directory written by save_pretrained")
+    check_out_file(args.out, "--out")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise GesimError("--device cuda was asked for but no CUDA device is available")
+    if not sys.stderr.isatty():  # logs get our lines, not transformers' loading bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     from gesim.probe.runner import run_probe
+
     return run_probe(args)

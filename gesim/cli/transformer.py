@@ -3,9 +3,15 @@ synthetic dataset, with the entanglement measurements of :mod:`gesim.transformer
 
 from __future__ import annotations
 
-from gesim.cli.options import add_format_option, add_param_option, dump_json, parse_params
-
-DATASETS = ("1t", "short-suffix", "long-suffix", "mid", "unequal")
+from gesim import registries
+from gesim.cli.options import (
+    add_format_option,
+    add_param_option,
+    dump_json,
+    parse_params,
+    positive_float,
+    positive_int,
+)
 
 
 def add_parser(sub) -> None:
@@ -13,22 +19,22 @@ def add_parser(sub) -> None:
                        description="SFT on the offline review language, then preference optimisation with a "
                        "registered loss; reports gradient cosines, log-prob changes and the agreement of "
                        "predicted and realised regimes on a fixed eval set.")
-    p.add_argument("--dataset", choices=DATASETS, default="1t", help="pair structure (default 1t)")
+    p.add_argument("--dataset", choices=registries.STRUCTURES, default="1t", help="pair structure (default 1t)")
     p.add_argument("--loss", default="dpo", metavar="NAME", help="a registered loss (default dpo)")
     add_param_option(p)
-    p.add_argument("--mode", choices=("fast", "full"), default="fast", help="config preset (default fast)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default cpu)")
+    p.add_argument("--mode", choices=registries.MODES, default="fast", help="config preset (default fast)")
+    p.add_argument("--device", choices=registries.DEVICES, default="cpu", help="device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--arch", choices=("gpt", "hf-gpt2"), default="gpt",
+    p.add_argument("--arch", choices=registries.ARCHS, default="gpt",
                    help="gpt: gesim's small GPT; hf-gpt2: a Hugging Face GPT-2 built from a config (default gpt)")
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+    p.add_argument("--optimizer", choices=registries.TORCH_OPTIMIZERS, default="adamw",
                    help="preference optimizer (default adamw)")
-    p.add_argument("--lr", type=float, default=None, help="preference learning rate (default: the preset's)")
-    p.add_argument("--steps", type=int, default=None, help="preference steps (default: the preset's)")
+    p.add_argument("--lr", type=positive_float, default=None, help="preference learning rate (default: the preset's)")
+    p.add_argument("--steps", type=positive_int, default=None, help="preference steps (default: the preset's)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="write sft.pt, checkpoint.pt, metrics.csv and summary.json here")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="checkpoint every N preference steps (default: the preset's)")
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
     add_format_option(p)
@@ -36,8 +42,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from gesim import losses
     from gesim.errors import GesimError
+    from gesim.output import check_out_dir
     from gesim.transformer.train import TrainConfig
     from gesim.transformer.train import run as train
 
@@ -48,15 +57,21 @@ def run(args) -> int:
 
         if not torch.cuda.is_available():
             raise GesimError("--device cuda was asked for but no CUDA device is available")
+    check_out_dir(args.out, "--out")
     if args.resume and not args.out:
         raise GesimError("--resume needs --out DIR, the folder of the interrupted run")
+    if args.resume and not (Path(args.out) / "checkpoint.pt").is_file():
+        raise GesimError(f"--resume: nothing to resume in {args.out} (no checkpoint.pt there); "
+                         "drop --resume to start a new run")
     preset = TrainConfig.fast if args.mode == "fast" else TrainConfig.full
     overrides = {k: v for k, v in (("lr", args.lr), ("pref_steps", args.steps),
                                    ("checkpoint_every", args.checkpoint_every)) if v is not None}
-    if "lr" in overrides and not 0 < overrides["lr"] < float("inf"):
-        raise GesimError(f"--lr must be a positive finite number, got {args.lr}")
     cfg = preset(seed=args.seed, device=args.device, arch=args.arch, optimizer=args.optimizer, **overrides)
     out = train(args.dataset, args.loss, params, cfg, progress=args.progress, out=args.out, resume=args.resume)
+    step = diverged_at(out.get("history", []))
+    if step is not None:
+        raise GesimError(f"diverged: loss, log-probs or cos(g_w, g_l) became inf/NaN by step {step}; "
+                         f"the learning rate (--lr {cfg.lr:g}) is likely too large for --optimizer {cfg.optimizer}")
     if args.format == "json":
         print(dump_json(out))
         return 0
@@ -64,3 +79,13 @@ def run(args) -> int:
             "ll_end", "regime_agreement", "pair_agreement")
     print("\n".join(f"{k:<17} {out[k]:.4f}" if isinstance(out[k], float) else f"{k:<17} {out[k]}" for k in keys))
     return 0
+
+
+def diverged_at(history):
+    """The first measured step whose loss, log-probs or cosine is not a finite number, or None."""
+    import math
+
+    for row in history:
+        if not all(math.isfinite(row[k]) for k in ("loss", "lw", "ll", "cos") if k in row):
+            return row.get("step")
+    return None

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from gesim.errors import GesimError
+from gesim.registries import MODES
 
-MODES = ("fast", "full")
+__all__ = ["MODES", "Context", "Figure", "figure", "registry", "select"]
 
 
 @dataclass(frozen=True)

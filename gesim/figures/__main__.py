@@ -14,20 +14,23 @@ import sys
 import time
 from pathlib import Path
 
-from gesim import figures
-from gesim.errors import GesimError
-from gesim.output import write_json
+from gesim import figures, registries
+from gesim.errors import GesimError, OneLineParser, one_line
+from gesim.output import check_out_dir, write_json
+
+PROG = "python -m gesim.figures"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gesim.figures", description=__doc__.split("\n")[0][4:])
+    p = OneLineParser(prog=PROG, description="Regenerate gesim's figures: a PNG, a PDF and a JSON of the plotted "
+                      "numbers with provenance for each.")
     p.add_argument("--list", action="store_true", help="list the figures and exit")
     p.add_argument("--only", metavar="NAME[,NAME]", help="comma-separated names or globs (default: all)")
-    p.add_argument("--mode", choices=figures.MODES, default="fast",
+    p.add_argument("--mode", choices=registries.MODES, default="fast",
                    help="fast: CPU-sized, minutes; full: paper-sized (GPU where available). Default fast")
     p.add_argument("--seed", type=int, default=0, help="base seed; each figure derives its own (default 0)")
     p.add_argument("--outdir", type=Path, default=Path("figures"), help="output folder (default figures/)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    p.add_argument("--device", choices=registries.FIGURE_DEVICES, default="auto",
                    help="device for torch figures (default auto: cuda when available)")
     return p
 
@@ -78,24 +81,29 @@ def main(argv=None) -> int:
             width = max(len(f.name) for f in chosen)
             print("\n".join(f"{f.name:<{width}}  {f.description}" for f in chosen))
             return 0
+        check_out_dir(args.outdir, "--outdir")  # before any figure is computed
         device = resolve_device(args.device)
     except GesimError as err:
-        print(f"gesim.figures: error: {err}", file=sys.stderr)
+        print(one_line(PROG, err), file=sys.stderr)
         return 2
     from tqdm.auto import tqdm
 
     failed = []
+    # tqdm draws a bar on a terminal (disable=None: off when stderr is not one); the one line per
+    # finished figure below goes to stderr either way, so logs show progress too.
     bar = tqdm(chosen, desc="figures", unit="fig", file=sys.stderr, disable=None)
-    for fig in bar:
+    for i, fig in enumerate(bar, 1):
         bar.set_postfix_str(fig.name)
         try:
             wall = run_one(fig, args, device)
-            tqdm.write(f"{fig.name}: {wall:.1f}s -> {args.outdir / fig.name}.{{png,pdf,json}}", file=sys.stderr)
+            tqdm.write(f"[{i}/{len(chosen)}] {fig.name}: {wall:.1f}s -> {args.outdir / fig.name}.{{png,pdf,json}}",
+                       file=sys.stderr)
         except GesimError as err:
             failed.append(fig.name)
-            tqdm.write(f"{fig.name}: error: {err}", file=sys.stderr)
+            tqdm.write(f"[{i}/{len(chosen)}] {fig.name}: error: {err}", file=sys.stderr)
+        sys.stderr.flush()
     if failed:
-        print(f"gesim.figures: {len(failed)} figure(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"{PROG}: {len(failed)} figure(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

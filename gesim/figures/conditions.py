@@ -53,11 +53,15 @@ def condition_phase_diagram(ctx):
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     for ax in axes[:, 0]:
-        ax.set_ylabel(r"$\log_2 \rho$")
+        ax.set_ylabel(r"$\log_2 \rho$, $\rho = \|g_w\| / \|g_l\|$", fontsize=7)
     for ax in axes[-1, :]:
         ax.set_xlabel(r"$\cos(g_w, g_l)$")
     plotting.regime_legend(fig, loc="lower center", ncol=5, bbox_to_anchor=(0.5, -0.01))
-    fig.suptitle("First-order regime of one gradient step, per loss, at default parameters "
-                 f"(len_w={PHASE_POINT['len_w']:g}, len_l={PHASE_POINT['len_l']:g}, policy = reference)")
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    ideal = {name: d["fractions"]["ideal"] for name, d in data["losses"].items()}
+    lo, hi = min(ideal, key=ideal.get), max(ideal, key=ideal.get)
+    tied = sum(abs(v - ideal[hi]) < 1e-12 for v in ideal.values()) - 1
+    fig.suptitle(f"First-order regime of one step per loss (default parameters, $|y_w|$ = {PHASE_POINT['len_w']:g}, "
+                 f"$|y_l|$ = {PHASE_POINT['len_l']:g} tokens, policy = reference):\nthe ideal region covers "
+                 f"{ideal[lo]:.0%} ({lo}) to {ideal[hi]:.0%} ({hi}{f' and {tied} more' if tied else ''}) of the plane")
+    fig.tight_layout(rect=(0, 0.04, 1, 0.96))
     return fig, data

@@ -1,4 +1,4 @@
-"""Figures of the mitigations (theory.md section 6, seed-methods.md): regimes, Fish, alignment tax.
+"""Figures of the mitigations (docs/theory.md section 6): regimes, Fish, alignment tax.
 
 ``mitigation_regimes`` and ``entanglement_by_method`` share their runs: the small GPT after
 SFT on ``long-suffix`` (where DPO entangles), trained by SGD with each method's objective;

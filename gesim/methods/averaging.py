@@ -1,5 +1,5 @@
 """Model averaging and Heterogeneous Model Averaging, HMA (Lin et al., "Mitigating the Alignment
-Tax of RLHF", EMNLP 2024, arXiv 2309.06256); seed-methods.md section 2.
+Tax of RLHF", EMNLP 2024, arXiv 2309.06256); docs/theory.md section 6.5.
 
 theta_0 is the model before alignment (SFT), theta the model after it. The ratio ``a`` ALWAYS
 weights the aligned model (the authors' public code weights theta_0 instead):

@@ -2,7 +2,7 @@
 
 Implements Algorithm 1 of Shi et al., "Gradient Matching for Domain Generalization",
 ICLR 2022, arXiv:2104.09937, functionally on a dict of P parameter tensors, and its
-entanglement analogue for one preference pair (docs/seed-methods.md, section 3).
+entanglement analogue for one preference pair (docs/theory.md section 6.4).
 
 Notation: S domains with losses L_i, gradients g_i = grad L_i(theta), Hessians H_i, inner
 learning rate alpha, meta learning rate eps. For an order pi of the domains
@@ -156,7 +156,7 @@ def disentangle_step(params: Params, lw: Loss, ll: Loss, alpha: float, eps: floa
 
     the plain margin step plus a descent step on ip. Along it the first-order change of ip is
     lower than along the plain step by eps (alpha^2/2) d_w d_l ||grad ip||^2 + O(eps alpha^3)
-    (seed-methods.md section 3, a hypothesis; tested numerically). `order` None averages both
+    (docs/theory.md section 6.4, a hypothesis; tested numerically). `order` None averages both
     orders (the expected, deterministic step); (0, 1) visits chosen first, (1, 0) rejected first.
     """
     domain_losses = [lambda p: -d_w * lw(p), lambda p: d_l * ll(p)]

@@ -1,4 +1,4 @@
-"""One harness for the alignment tax (seed-methods.md section 4) on the small Transformer.
+"""One harness for the alignment tax (docs/theory.md section 6.6) on the small Transformer.
 
 Stages: pretrain theta_b (next-token prediction on reviews alone) -> SFT theta_r (review,
 label and a slot-filled suffix, the behaviour to keep) -> preference optimisation on

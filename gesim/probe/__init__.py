@@ -5,9 +5,9 @@ response log-prob over the selected parameters) and cos. Backends:
 
 * ``fast`` (default): one forward and one backward with respect to activations; per layer,
   ghost Grams or materialised per-sample gradients by the cost rule; tied weights with all
-  use pairs (probe.md section 7).
+  use pairs (docs/theory.md sections 8.2-8.4).
 * ``func``: torch.func per-sample gradients (a second path and test oracle; memory N x P).
-* ``reference``: the plain method (theory.md section 5, probe.md section 1): one pair at a
+* ``reference``: the plain method (docs/theory.md section 8.1): one pair at a
   time, two backward passes, flattened gradients. Slow; the test oracle.
 """
 

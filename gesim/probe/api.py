@@ -1,6 +1,6 @@
 """The probe's public functions: :func:`pair_stats`, :func:`token_gram`, :func:`ches`.
 
-Notation (theory.md section 5, probe.md): for pair b, ``S_w = lw`` and ``S_l = ll`` are the
+Notation (docs/theory.md sections 5 and 8): for pair b, ``S_w = lw`` and ``S_l = ll`` are the
 summed response log-probs, ``g_w = grad S_w`` and ``g_l = grad S_l`` over the selected
 parameters; ``ip = <g_w, P g_l>``, ``nw2 = <g_w, P g_w>``, ``nl2 = <g_l, P g_l>`` with P a
 diagonal preconditioner (identity by default), ``cos = ip / sqrt(nw2 nl2)``.
@@ -78,7 +78,7 @@ def token_gram(model, ids: torch.Tensor, mask: torch.Tensor, params="all", backe
     (N, T) right-padded; several rows give the cross blocks (e.g. chosen x rejected).
 
     ``backend``: ``"fast"``/``"auto"`` (layer-wise, one backward batched over one-hot
-    cotangents, LM-head closed form, probe.md section 3.4) or ``"reference"`` (one backward per token).
+    cotangents, LM-head closed form, docs/theory.md section 8.5) or ``"reference"`` (one backward per token).
     """
     if backend not in BACKENDS:
         raise unknown("token-gram backend", backend, BACKENDS)

@@ -8,11 +8,11 @@ weight-gradient GEMMs, no B x P tensor). A tensor hook on each use's output rece
 output gradient during that backward and immediately turns it into its share of
 ``<G_i, P G_j>`` (streaming: nothing is kept once consumed), except for parameters with
 several uses (tied weights), whose uses are kept until the last arrives and then combined
-with all use pairs, cross terms included (probe.md sections 3.2 and 7).
+with all use pairs, cross terms included (docs/theory.md sections 8.2 and 8.4).
 
 Preconditioner: supported (every matrix is then materialised one layer at a time, since
 the ghost identity has no diagonal weighting). Products are accumulated in float32, or
-float64 for float64 models (probe.md section 5.2: never a bf16 Gram).
+float64 for float64 models (docs/theory.md section 8.6: never a bf16 Gram).
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class _Engine:
             self.products.dots(name, g, g, P)
 
     def _shrink_head(self, use, role, p, arrived):
-        """Streaming for a tied LM head (probe.md pitfall 8): when a Linear use of a tied weight
+        """Streaming for a tied LM head (docs/theory.md section 8.6): when a Linear use of a tied weight
         arrives and every use still to come is an embedding, take its self term now, keep only
         the T x T gathers of its output gradient at those embeddings' input ids, and free the
         (N, T, V) gradient."""

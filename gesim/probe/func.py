@@ -1,6 +1,6 @@
 """The torch.func backend: per-sample gradients by ``vmap(grad(...))`` over the 2B rows.
 
-``g_i = grad_theta S_i`` for every row at once (probe.md section 3.1, the PyTorch
+``g_i = grad_theta S_i`` for every row at once (docs/theory.md section 8.3, the PyTorch
 per-sample-gradients recipe), then the three products per pair. Tied weights stay tied
 (``functional_call`` ties by default and named_parameters lists a shared parameter once).
 Memory is N x P: a test oracle and a fine path for LoRA subsets, not for large models.

@@ -4,9 +4,9 @@ each call ("use") and the exact products of per-sample gradients between two use
 For a use with input activations ``A_i`` (T, d_in) and output gradients ``B_i`` (T, d_out)
 (``B = dS/d(output)``, one backward with respect to activations), the per-sample weight
 gradient is ``G_i = B_i^T A_i`` (nn.Linear; its transpose for HF Conv1D) and
-``<G_i, G_j> = sum_{t,s} (A_i A_j^T)[t,s] (B_i B_j^T)[t,s]`` (ghost, probe.md section 3.2).
+``<G_i, G_j> = sum_{t,s} (A_i A_j^T)[t,s] (B_i B_j^T)[t,s]`` (ghost, docs/theory.md section 8.2).
 Embedding: ``G_i = sum_t e_{x_it} c_it^T``, ``<G_i, G_j> = sum_{t,s} [x_it = x_js] c_it . c_js``.
-Embedding x linear head (tied weights, probe.md section 3.2.4):
+Embedding x linear head (tied weights, docs/theory.md section 8.4):
 ``<E_i, H_j> = sum_{t,s} B_j[s, x_it] (c_it . a_js)``. Norms and biases: per-sample vectors
 ``sum_t xhat_t * b_t`` and ``sum_t b_t`` (section 3.2.2).
 """
@@ -86,7 +86,7 @@ def per_sample(use: Use, role: str) -> torch.Tensor:
 
 
 def ghost_cost_wins(use: Use) -> bool:
-    """Cost rule (probe.md section 2): ghost when 3 T (d_in + d_out) < 2 d_in d_out."""
+    """Cost rule (docs/theory.md section 8.2): ghost when 3 T (d_in + d_out) < 2 d_in d_out."""
     T, d_in, d_out = use.a.shape[1], use.a.shape[2], use.b.shape[2]
     return 3 * T * (d_in + d_out) < 2 * d_in * d_out
 

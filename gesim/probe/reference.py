@@ -1,9 +1,9 @@
 """The plain method: one pair at a time, two backward passes, flattened gradients.
 
-This is what the entanglement paper's code does (probe.md section 1), minus its two faults
+This is what the entanglement paper's code does (docs/theory.md section 8.1), minus its two faults
 (batching that sums gradients over pairs and counts padding, and the "condition" that divides
 by ||g_w||^2 twice). Slow, simple, exact: the oracle every faster path is tested against.
-Also the plain token Gram (one backward pass per response token, probe.md section 3.4 item 1).
+Also the plain token Gram (one backward pass per response token, docs/theory.md section 8.5).
 """
 
 from __future__ import annotations

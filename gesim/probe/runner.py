@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from gesim import data, losses, output, regimes, symbolic
-from gesim.errors import GesimError, unknown
+from gesim.errors import GesimError
 from gesim.probe import api
 from gesim.probe.encode import buckets, collate, encode_rows
+from gesim.probe.reference import selected_named
 
 COLUMNS = ("index", "len_w", "len_l", "lw", "ll", "ip", "nw2", "nl2", "cos", "ches", "ln_ches")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -57,7 +58,7 @@ def param_selector(spec: str):
     try:
         pattern = re.compile(spec)
     except re.error as err:
-        raise GesimError(f"--params {spec!r}: not 'all', 'lora' or a valid regular expression ({err})") from None
+        raise GesimError(f"--params {spec}: not 'all', 'lora' or a valid regular expression ({err})") from None
     return lambda name, p: bool(pattern.search(name))
 
 
@@ -75,7 +76,7 @@ def measure(model, batches, pad_id, params, backend, device, progress=True):
     """Per-pair dicts (COLUMNS) for lists of EncodedPair batches."""
     from tqdm import tqdm
     rows = []
-    for group in tqdm(batches, desc="probe", unit="batch", file=sys.stderr, disable=not progress):
+    for group in tqdm(batches, desc="probe", unit="batch", file=sys.stderr, disable=None if progress else True):
         batch = collate(group, pad_id).to(device)
         st = api.pair_stats(model, batch, params=params, backend=backend)
         ch = api.ches(model, batch)
@@ -127,16 +128,21 @@ def token_gram_summary(model, pairs, pad_id, params, device, out_path=None):
 def run_probe(args) -> int:
     loss_names = args.loss or ["dpo"]
     for name in loss_names:
-        if name not in losses.names():
-            raise unknown("loss", name, losses.names())
+        losses.get(name)  # an unknown name gets "did you mean", a batch-coupled loss says why it is unsupported
     rank, world = _dist()
     device = args.device if world == 1 or args.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    params = param_selector(args.params)
+    read = data.read_pairs(args.data)  # bad data is refused before the model loads
     model, tokenizer = load_model(args.model, args.dtype, device)
-    read = data.read_pairs(args.data)
+    try:
+        selected_named(model, params)
+    except GesimError:
+        names = [n for n, _ in model.named_parameters()][:3]
+        raise GesimError(f"--params {args.params}: selects no parameter of the model (names look like "
+                         f"{', '.join(names)}, ...)") from None
     enc = encode_rows(read.rows, tokenizer, args.max_length)
     if not enc.pairs:
         raise GesimError(f"{args.data}: every row was skipped ({dict(enc.skipped)})")
-    params = param_selector(args.params)
     shard = enc.pairs[rank::world]
     rows = measure(model, buckets(shard, args.batch_size), enc.pad_id, params, args.backend, device,
                    progress=rank == 0)
@@ -149,6 +155,12 @@ def run_probe(args) -> int:
             return 0
         rows = [r for part in gathered for r in part]
     rows.sort(key=lambda r: r["index"])
+    bad = next((r for r in rows if not all(np.isfinite(r[k]) for k in ("lw", "ll", "ip", "nw2", "nl2"))), None)
+    if bad is not None:  # never print an overflowed number as a measurement
+        hint = ("try --dtype float32 or float64" if args.dtype == "bfloat16" else
+                "the model's outputs are not finite there (check its weights), or try --dtype float64")
+        raise GesimError(f"pair {bad['index']}: lw, ll, ip, nw2 or nl2 overflowed to inf/NaN in --dtype {args.dtype}; "
+                         f"{hint}")
     fractions = predict_regimes(rows, loss_names)
     first = sorted(enc.pairs, key=lambda p: p.index)[:max(args.token_gram, 0)]
     grams = token_gram_summary(model, first, enc.pad_id, params, device, args.out) if first else []

@@ -4,7 +4,7 @@
 LM from a config (GPT-2 with a tied head, or Llama-shaped, tied or untied), and writes both
 with ``save_pretrained``; nothing is downloaded. :func:`write_toy_pairs` writes a JSONL of
 prompt / chosen / rejected strings over the same vocabulary, chosen and rejected sharing a
-prefix (the entangled case of anchors.md).
+prefix (the entangled case of docs/theory.md section 4).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ normalisation, calibration: :mod:`gesim.methods`) returns the weights it used as
 
     delta_lw = eta (d_w <g_w, P g_w> - d_l <g_w, P g_l>) + <g_w, rest>,
 
-so the P-weighted ip, nw2, nl2 replace the plain ones. Mitigations add rules by registering
-a class in :data:`RULES` with ``step(g_w, g_l, d_w, d_l) -> Update``.
+so the P-weighted ip, nw2, nl2 replace the plain ones. A rule is a class with
+``step(g_w, g_l, d_w, d_l) -> Update``, named in :data:`gesim.registries.RULES` with the
+module that defines it (resolved on first use by :func:`make`).
 
 Shapes: g_w, g_l (N, V, d); d_w, d_l (N,).
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gesim import registries
 from gesim.errors import GesimError, unknown
 
 
@@ -89,15 +91,21 @@ class Adam:
         return Update(u, precond, rest)
 
 
+#: Rules by name. Names are registered (with where they live) in :data:`gesim.registries.RULES`;
+#: :func:`make` imports a rule's module on first use, so the mitigations' rules work without
+#: anything importing :mod:`gesim.methods` first. A class put here directly (experiments,
+#: notebooks) is used as is.
 RULES = {"sgd": SGD, "adam": Adam}
 
 
 def make(name: str, eta: float):
     """A fresh update rule ``name`` with step size ``eta``."""
     if name not in RULES:
-        raise unknown("optimizer", name, RULES)
+        if name not in registries.RULES:
+            raise unknown("optimizer", name, {*RULES, *registries.RULES})
+        RULES.setdefault(name, registries.rule(name))
     if not (eta > 0 and eta < float("inf")):
-        raise GesimError(f"eta must be a positive finite step size, got {eta}")
+        raise GesimError(f"eta is a step size and must be > 0 and finite, got {eta}")
     return RULES[name](eta)
 
 
