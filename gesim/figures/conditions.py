@@ -54,8 +54,10 @@ def condition_phase_diagram(ctx):
         ax.axis("off")
     for ax in axes[:, 0]:
         ax.set_ylabel(r"$\log_2 \rho$, $\rho = \|g_w\| / \|g_l\|$", fontsize=7)
-    for ax in axes[-1, :]:
-        ax.set_xlabel(r"$\cos(g_w, g_l)$")
+    for i, ax in enumerate(axes.flat[:len(names)]):
+        if i + ncols >= len(names):  # the lowest panel of its column: show its x axis
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel(r"$\cos(g_w, g_l)$")
     plotting.regime_legend(fig, loc="lower center", ncol=5, bbox_to_anchor=(0.5, -0.01))
     ideal = {name: d["fractions"]["ideal"] for name, d in data["losses"].items()}
     lo, hi = min(ideal, key=ideal.get), max(ideal, key=ideal.get)
