@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--mode", choices=("fast", "full"), default="fast", help="config preset (default fast)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seeds", default=None, metavar="SPEC",
+                   help="run several seeds, e.g. 0-9 or 0,3,7: per-seed rows, mean and 95%% interval of every "
+                   "summary number, and each claim as 'holds in k/n' (with --out: one folder per seed)")
     p.add_argument("--arch", choices=("gpt", "hf-gpt2"), default="gpt",
                    help="gpt: gesim's small GPT; hf-gpt2: a Hugging Face GPT-2 built from a config (default gpt)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
@@ -56,6 +59,8 @@ def run(args) -> int:
     if "lr" in overrides and not 0 < overrides["lr"] < float("inf"):
         raise GesimError(f"--lr must be a positive finite number, got {args.lr}")
     cfg = preset(seed=args.seed, device=args.device, arch=args.arch, optimizer=args.optimizer, **overrides)
+    if args.seeds is not None:
+        return _many(args, params, cfg)
     out = train(args.dataset, args.loss, params, cfg, progress=args.progress, out=args.out, resume=args.resume)
     if args.format == "json":
         print(dump_json(out))
@@ -63,4 +68,42 @@ def run(args) -> int:
     keys = ("dataset", "loss", "steps", "cos_first", "cos_last", "cos_mean", "lw_start", "lw_end", "ll_start",
             "ll_end", "regime_agreement", "pair_agreement")
     print("\n".join(f"{k:<17} {out[k]:.4f}" if isinstance(out[k], float) else f"{k:<17} {out[k]}" for k in keys))
+    return 0
+
+
+def _many(args, params, cfg) -> int:
+    """``--seeds``: one run per seed, then the per-seed rows, their spread and the claims."""
+    import dataclasses
+    from pathlib import Path
+
+    from gesim import claims
+    from gesim.transformer import experiment
+    from gesim.transformer.train import run as train
+
+    seeds = claims.parse_seeds(args.seeds)
+    rows = []
+    for seed in seeds:
+        out_dir = Path(args.out) / f"seed-{seed}" if args.out else None
+        out = train(args.dataset, args.loss, params, dataclasses.replace(cfg, seed=seed), progress=args.progress,
+                    out=out_dir, resume=args.resume)
+        rows.append({"seed": seed, **{k: out[k] for k in experiment.SUMMARY},
+                     **{k: out["outcomes"][k] for k in experiment.OUTCOMES}})
+    keys = experiment.SUMMARY + experiment.OUTCOMES
+    agg = {k: claims.spread(r[k] for r in rows) for k in keys}
+    table = experiment.run_claims(rows)
+    if args.format == "json":
+        print(dump_json({"dataset": args.dataset, "loss": args.loss, "params": params, "seeds": list(seeds),
+                         "config": dataclasses.asdict(cfg), "aggregate": {k: v.as_dict() for k, v in agg.items()},
+                         "claims": table, "per_seed": rows}))
+        return 0
+    print(f"{args.dataset}, {args.loss}, {len(seeds)} seeds ({args.seeds}); mean [95% t interval]")
+    print("seed  " + "  ".join(f"{k:>10}" for k in ("cos_first", "cos_last", "dlw", "dll", "chosen_fell",
+                                                     "pair_agree")))
+    for r in rows:
+        print(f"{r['seed']:<5} " + "  ".join(f"{r[k]:>+10.4f}" for k in ("cos_first", "cos_last", "dlw", "dll",
+                                                                         "chosen_fell", "pair_agreement")))
+    print()
+    print("\n".join(f"{k:<17} {v}" for k, v in agg.items()))
+    print()
+    print("\n".join(f"{c['holds']:>6}  {c['claim']}" for c in table))
     return 0
