@@ -44,9 +44,11 @@ def transformer_suffix_sweep(ctx):
     settings = experiment.sweep_settings(ctx.fast)
     rows = experiment.sweep_rows(seeds(ctx), cfg, lengths(ctx), settings)
     agg = experiment.aggregate(rows, ("setting", "suffix_len"), experiment.LIGHT_OUTCOMES)
-    fig, axes = plotting.figure(1, 4, width=15, height=3.6)
+    paired = experiment.paired_rows(rows, "dlw")
+    agg += experiment.aggregate(paired, ("setting", "suffix_len"), ("dlw_minus_L0",))
+    fig, axes = plotting.figure(1, 5, width=18, height=3.6)
     for k, name in enumerate(settings):
-        a = [r for r in agg if r["setting"] == name]
+        a = [r for r in agg if r["setting"] == name and "dlw" in r]
         x = np.array([r["suffix_len"] for r in a]) + 0.5  # L + 1/2 on a log axis, so L = 0 shows
         color, marker = SETTING_STYLE.get(name, ("k", "^"))
         off = 0.04 * (k - 0.5)
@@ -56,11 +58,18 @@ def transformer_suffix_sweep(ctx):
         _errorbar(axes[1], x, [r["pred_fall_start"] for r in a], color, "x", f"{name}: predicted (start)", off)
         _errorbar(axes[2], x, [r["agree_start"] for r in a], color, marker, f"{name}: start geometry", off)
         _errorbar(axes[2], x, [r["agree_sum"] for r in a], color, "x", f"{name}: summed first order", off)
-        _errorbar(axes[3], x, [r["dlw"] for r in a], color, marker, f"{name} (lr {settings[name]['lr']:g})", off)
+        _errorbar(axes[3], x, [r["dlw"] for r in a if "dlw" in r], color, marker,
+                  f"{name} (lr {settings[name]['lr']:g})", off)
+        _errorbar(axes[4], x, [r["dlw_minus_L0"] for r in agg if r["setting"] == name and "dlw_minus_L0" in r],
+                  color, marker, name, off)
     titles = (r"mean $\cos(g_w, g_l)$", "fraction of pairs: chosen fell", r"fraction: sign of $\Delta l_w$ predicted",
-              r"mean $\Delta l_w$ over training (nats)")
+              r"mean $\Delta l_w$ over training (nats)", r"paired: $\Delta l_w(L) - \Delta l_w(0)$ (nats)")
     for ax, title in zip(axes, titles):
         ax.set_xscale("log")
+        if ax in (axes[3], axes[4]):
+            ax.set_yscale("symlog", linthresh=0.05)
+        if ax in (axes[1], axes[2]):
+            ax.set_ylim(-0.1, 1.1)  # fractions; a t interval may reach past [0, 1] and is clipped here
         ax.set_xticks(np.array(lengths(ctx)) + 0.5, [str(v) for v in lengths(ctx)])
         ax.minorticks_off()
         ax.set_xlabel("shared suffix length $L$ (tokens)")
@@ -72,7 +81,8 @@ def transformer_suffix_sweep(ctx):
     fig.suptitle(f"Suffix sweep, {len(seeds(ctx))} seeds, AdamW: {held}", fontsize=8)
     fig.tight_layout()
     return fig, {"config": dataclasses.asdict(cfg), "settings": settings, "seeds": list(seeds(ctx)),
-                 "lengths": list(lengths(ctx)), "aggregate": agg, "claims": table, "per_seed": rows}
+                 "lengths": list(lengths(ctx)), "aggregate": agg, "claims": table, "per_seed": rows,
+                 "paired": paired}
 
 
 @figure("transformer_loss_comparison",

@@ -136,6 +136,18 @@ def loss_rows(seeds, cfg: TrainConfig, names=None, dataset: str = "long-suffix",
     return rows
 
 
+def paired_rows(sweep, key: str = "dlw") -> list[dict]:
+    """Per (seed, setting, L): ``key`` at L minus ``key`` at the shortest length of the same
+    seed and setting (same SFT model, same prompts: the seed-to-seed spread cancels)."""
+    base = {}
+    for r in sweep:
+        k = (r["seed"], r["setting"])
+        if k not in base or r["suffix_len"] < base[k]["suffix_len"]:
+            base[k] = r
+    return [{"seed": r["seed"], "setting": r["setting"], "suffix_len": r["suffix_len"],
+             f"{key}_minus_L0": r[key] - base[r["seed"], r["setting"]][key]} for r in sweep]
+
+
 def aggregate(rows, by, keys) -> list[dict]:
     """Per group of ``by`` values (in first-seen order): n seeds and :func:`claims.spread` of each key."""
     groups: dict = {}
