@@ -104,7 +104,7 @@ def structure_rows(seeds, cfg: TrainConfig, loss: str = "dpo", datasets=DATASETS
 
 def sweep_rows(seeds, cfg: TrainConfig, lengths=SWEEP_LENGTHS, settings: dict | None = None, loss: str = "dpo"):
     """One row per (seed, setting, suffix length) on the long-suffix SFT model."""
-    settings = settings if settings is not None else sweep_settings(cfg.sft_steps <= TrainConfig().sft_steps)
+    settings = settings if settings is not None else sweep_settings()
     rows = []
     for seed in seeds:
         for name, over in settings.items():
@@ -208,7 +208,8 @@ def claims_table(structures=(), sweep=(), cross=(), agreement: float = 0.9) -> l
         for name in up + down:
             want = name in up
             out.append(_claim(f"cross-loss: {name} {'keeps the chosen up' if want else 'lets the chosen fall'}",
-                              [(d[name]["dlw"] > 0) == want for d in c.values()], "mean delta lw > 0"))
+                              [(d[name]["dlw"] > 0) == want for d in c.values()],
+                              "sign of the mean lw_final - lw_start over eval pairs"))
         out.append(_claim("cross-loss: the paper's reading holds for all of " + ", ".join(up + down),
                           [all((d[n]["dlw"] > 0) == (n in up) for n in up + down) for d in c.values()]))
     return out
@@ -221,6 +222,13 @@ def run_claims(rows, agreement: float = 0.9) -> list[dict]:
             _claim("mean cos(g_w, g_l) > 0 at the start", [r["cos_first"] > 0 for r in rows]),
             _claim(f"first order: whole-batch and one-pair agreement >= {agreement}",
                    [r["regime_agreement"] >= agreement and r["pair_agreement"] >= agreement for r in rows])]
+
+
+def claims_markdown(table) -> str:
+    """A claims table as Markdown: claim, "holds in k/n", detail."""
+    lines = ["| claim | holds | |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['holds']} | {c['detail']} |" for c in table]
+    return "\n".join(lines)
 
 
 def _increasing(values) -> bool:
