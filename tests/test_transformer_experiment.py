@@ -20,8 +20,8 @@ TINY = TrainConfig.fast(n_embd=24, sft_steps=60, n_train=96, n_eval=6, batch=16,
 @pytest.mark.parametrize("length", [0, 1, 5, 27])
 def test_suffix_cut_keeps_the_draws_and_cuts_after_length_tokens(length):
     full, cut = data.pairs("long-suffix", 8, seed=4), data.pairs("long-suffix", 8, seed=4, suffix_len=length)
-    for w, l, fw in zip(cut.chosen, cut.rejected, full.chosen):
-        assert w == fw[: 1 + length] and l[1:] == w[1:] and {w[0], l[0]} == {"positive", "negative"}
+    for w, rej, fw in zip(cut.chosen, cut.rejected, full.chosen):
+        assert w == fw[: 1 + length] and rej[1:] == w[1:] and {w[0], rej[0]} == {"positive", "negative"}
     assert (cut.batch.chosen_mask.sum(1) == 1 + length).all()
     assert (cut.prompt_len == full.prompt_len).all()
 
@@ -71,7 +71,8 @@ def test_aggregate_and_claims_are_the_per_seed_numbers(one_thread):
     assert [c["claim"] for c in table][:2] == ["cross-loss: cpo keeps the chosen up", "cross-loss: dpo lets the "
                                                                                       "chosen fall"]
     for r in cross:
-        assert sum(r["pred_regimes"].values()) == pytest.approx(1) and sum(r["real_regimes"].values()) == pytest.approx(1)
+        assert sum(r["pred_regimes"].values()) == pytest.approx(1)
+        assert sum(r["real_regimes"].values()) == pytest.approx(1)
 
 
 def test_the_shared_suffix_raises_the_start_cosine(one_thread):
