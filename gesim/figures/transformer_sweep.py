@@ -52,10 +52,12 @@ def transformer_suffix_sweep(ctx):
         x = np.array([r["suffix_len"] for r in a]) + 0.5  # L + 1/2 on a log axis, so L = 0 shows
         color, marker = SETTING_STYLE.get(name, ("k", "^"))
         off = 0.04 * (k - 0.5)
-        _errorbar(axes[0], x, [r["cos_start"] for r in a], color, marker, f"{name}, start", off)
-        _errorbar(axes[0], x, [r["cos_end"] for r in a], color, "x", f"{name}, end", off)
+        if k == 0:  # the start (same SFT model, same pairs) is shared by every setting: drawn once
+            _errorbar(axes[0], x, [r["cos_start"] for r in a], "k", "D", "start (every setting)")
+            _errorbar(axes[1], x, [r["pred_fall_start"] for r in a], "k", "D",
+                      "predicted at the start (every setting)")
+        _errorbar(axes[0], x, [r["cos_end"] for r in a], color, marker, f"{name}, end", off)
         _errorbar(axes[1], x, [r["chosen_fell"] for r in a], color, marker, f"{name}: fell", off)
-        _errorbar(axes[1], x, [r["pred_fall_start"] for r in a], color, "x", f"{name}: predicted (start)", off)
         _errorbar(axes[2], x, [r["agree_start"] for r in a], color, marker, f"{name}: start geometry", off)
         _errorbar(axes[2], x, [r["agree_sum"] for r in a], color, "x", f"{name}: summed first order", off)
         _errorbar(axes[3], x, [r["dlw"] for r in a if "dlw" in r], color, marker,
