@@ -1,64 +1,90 @@
-"""Figures from the small Transformer (theory.md section 5): the paper's sentiment study offline.
+"""Figures from the small Transformer (theory.md section 5): the paper's sentiment study
+offline, over seeds (issue 11).
 
-The three figures share their training runs (one SFT per dataset, one preference run per
-(dataset, loss)), cached for the life of the process.
+All Transformer figures share one stream of seeds, derived from (seed, "transformer") like a
+figure's own stream (:func:`seeds`), so they share their training runs (cached for the life of
+the process by :func:`gesim.transformer.experiment.run_cached`) and ``--only NAME`` trains
+exactly what a full run trains. Fast mode: 3 seeds; full mode: 10. Every JSON keeps the
+per-seed rows next to the aggregate (mean and 95% t interval) and the claims ("holds in k/n").
 """
 
 from __future__ import annotations
 
-from functools import cache
+import dataclasses
 
 import numpy as np
 
-from gesim.figures import figure
+from gesim.figures import Context, figure
 
 DATASETS = ("1t", "short-suffix", "long-suffix")
 LOSSES = ("dpo", "ipo", "simpo")
-HEADLINE = ("cos_first", "cos_last", "cos_mean", "lw_start", "lw_end", "ll_start", "ll_end", "regime_agreement",
-            "pair_agreement")
+COLORS = {"1t": "C0", "short-suffix": "C1", "long-suffix": "C3"}
+N_SEEDS = {"fast": 3, "full": 10}
 
 
-def _cfg(ctx):
+def seeds(ctx) -> tuple[int, ...]:
+    """The Transformer figures' seeds: N_SEEDS[mode] consecutive seeds from the shared stream."""
+    base = Context("transformer", ctx.mode, ctx.seed, ctx.device).figure_seed
+    return tuple(base + i for i in range(N_SEEDS[ctx.mode]))
+
+
+def config(ctx, **overrides):
     from gesim.transformer.train import TrainConfig
 
     preset = TrainConfig.fast if ctx.fast else TrainConfig.full
-    return preset(seed=ctx.seed, device=ctx.device)
+    return preset(device=ctx.device, **overrides)
 
 
-@cache
-def _run(dataset: str, loss: str, cfg):
-    from gesim.transformer.train import run
+def band(ax, x, per_seed, color, label):
+    """Mean over seeds with its 95% t interval as a band (per_seed: (n_seeds, len(x)))."""
+    from gesim import claims
 
-    return run(dataset, loss, cfg=cfg)
+    s = [claims.spread(col) for col in np.asarray(per_seed, float).T]
+    mean = np.array([v.mean for v in s])
+    ax.plot(x, mean, color=color, label=label)
+    if s and s[0].n > 1:
+        ax.fill_between(x, [v.lo for v in s], [v.hi for v in s], color=color, alpha=0.2, lw=0)
+
+
+def structures(ctx, loss="dpo"):
+    from gesim.transformer import experiment
+
+    return experiment.structure_rows(seeds(ctx), config(ctx), loss=loss, tokens_on_first=loss == "dpo")
 
 
 @figure("transformer_dynamics",
-        "Small GPT, DPO after SFT: chosen and rejected log-probs and the gradient cosine over training, "
-        "for the 1t, short-suffix and long-suffix datasets")
+        "Small GPT, DPO after SFT, over seeds: chosen and rejected log-prob changes and the gradient cosine over "
+        "training (mean with 95% band), for the 1t, short-suffix and long-suffix datasets")
 def transformer_dynamics(ctx):
     from gesim import plotting
+    from gesim.transformer import experiment
 
-    cfg = _cfg(ctx)
-    fig, axes = plotting.figure(1, 3, width=12, height=3.4)
-    data = {"config": None, "datasets": {}}
+    rows = structures(ctx)
+    fig, axes = plotting.figure(1, 3, width=12, height=3.6)
     for name in DATASETS:
-        out = _run(name, "dpo", cfg)
-        h = out["history"]
-        steps = [r["step"] for r in h]
-        axes[0].plot(steps, [r["lw"] - h[0]["lw"] for r in h], label=name)
-        axes[1].plot(steps, [r["ll"] - h[0]["ll"] for r in h], label=name)
-        axes[2].plot(steps, [r["cos"] for r in h], label=name)
-        data["config"] = out["config"]
-        data["datasets"][name] = {k: out[k] for k in HEADLINE} | {"history": h}
-    for ax, title in zip(axes, ("chosen: lw - lw(start)", "rejected: ll - ll(start)", "mean cos(g_w, g_l)")):
+        mine = [r for r in rows if r["dataset"] == name]
+        steps = [h["step"] for h in mine[0]["history"]]
+        lw = [[h["lw"] - r["history"][0]["lw"] for h in r["history"]] for r in mine]
+        ll = [[h["ll"] - r["history"][0]["ll"] for h in r["history"]] for r in mine]
+        cos = [[h["cos"] for h in r["history"]] for r in mine]
+        for ax, vals in zip(axes, (lw, ll, cos)):
+            band(ax, steps, vals, COLORS[name], name)
+    for ax, title in zip(axes, (r"chosen: $l_w - l_w(0)$ (nats)", r"rejected: $l_l - l_l(0)$ (nats)",
+                                r"mean $\cos(g_w, g_l)$")):
         ax.set_title(title)
         ax.set_xlabel("DPO step")
         ax.axhline(0, color="0.7", lw=0.8)
     axes[2].legend()
-    fig.suptitle("Shared suffixes entangle: 1t has cos < 0 and chosen up; the long suffix has cos near 1 and "
-                 "chosen down (DPO, AdamW)")
+    table = experiment.claims_table(structures=rows)
+    agg = experiment.aggregate(rows, ("dataset",), experiment.SUMMARY + experiment.OUTCOMES)
+    dlw = {a["dataset"]: a["dlw"]["mean"] for a in agg}
+    order = table[0]
+    fig.suptitle(f"DPO, AdamW, {len(seeds(ctx))} seeds: mean chosen change 1t {dlw['1t']:+.3f}, short "
+                 f"{dlw['short-suffix']:+.3f}, long {dlw['long-suffix']:+.3f} nats; cos order long > short > 1t "
+                 f"holds in {order['holds']} seeds")
     fig.tight_layout()
-    return fig, data
+    return fig, {"config": dataclasses.asdict(config(ctx)), "seeds": list(seeds(ctx)), "aggregate": agg,
+                 "claims": table, "per_seed": rows}
 
 
 def _token_summary(m: dict) -> dict:
@@ -75,47 +101,54 @@ def _token_summary(m: dict) -> dict:
 
 @figure("token_cosine_heatmap",
         "Small GPT after DPO: cosines of per-token log-prob gradients, chosen tokens x rejected tokens, "
-        "for one eval pair of each dataset (theory.md prediction 11)")
+        "for one eval pair of each dataset (theory.md prediction 11; first seed of the shared stream)")
 def token_cosine_heatmap(ctx):
     from gesim import plotting
+    from gesim.transformer import experiment
     from gesim.transformer.data import Language
 
-    cfg = _cfg(ctx)
+    cfg = dataclasses.replace(config(ctx), seed=seeds(ctx)[0])
     vocab = Language().vocab
     fig, axes = plotting.figure(1, 3, width=13, height=4.6, gridspec_kw={"width_ratios": [1, 2, 5]})
-    data = {"config": None, "datasets": {}}
+    data = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "datasets": {}}
     for ax, name in zip(axes, DATASETS):
-        out = _run(name, "dpo", cfg)
-        m = out["token_cos_last"][0]
+        m = experiment.run_cached(name, "dpo", cfg)["token_cos_last"][0]
         cos = np.asarray(m["cos"])
         im = ax.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1)
         ax.set_xticks(range(len(m["rejected"])), [vocab[i] for i in m["rejected"]], rotation=90, fontsize=6)
         ax.set_yticks(range(len(m["chosen"])), [vocab[i] for i in m["chosen"]], fontsize=6)
         ax.set_title(f"{name}")
         ax.set_xlabel("rejected tokens")
-        data["config"] = out["config"]
         data["datasets"][name] = _token_summary(m) | {"pair": m}
     axes[0].set_ylabel("chosen tokens")
-    fig.colorbar(im, ax=list(axes), shrink=0.8, label="cos(grad log p_a, grad log p_b)")
-    fig.suptitle("Token gradients: the label tokens point apart (blue); the same suffix word at the same "
-                 "position is nearly parallel (red diagonal)")
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label=r"$\cos(\nabla \log p_a, \nabla \log p_b)$")
+    label = {k: v["contrastive_cos"] for k, v in data["datasets"].items()}
+    shared = data["datasets"]["long-suffix"]["shared_diag_cos_mean"]
+    fig.suptitle(f"Token gradients: label tokens point apart (cos {label['1t']:+.2f} / {label['short-suffix']:+.2f}"
+                 f" / {label['long-suffix']:+.2f}); the same suffix word at the same position is nearly parallel "
+                 f"(mean {shared:+.2f})")
     return fig, data
 
 
 @figure("regime_agreement",
         "Small GPT: predicted against realised regime of one step on each eval pair alone (symbolic "
-        "prediction with Adam-preconditioned products), per dataset and loss")
+        "prediction with Adam-preconditioned products), per dataset and loss, summed over seeds")
 def regime_agreement(ctx):
-    from gesim import plotting, regimes
+    from gesim import claims, plotting, regimes
 
-    cfg = _cfg(ctx)
     short = ["ideal", "both\ndown", "both\nup", "w down\nl up", "stalled"]
-    fig, axes = plotting.figure(len(LOSSES), len(DATASETS), width=10, height=9.5)
-    data = {"config": None, "regimes": list(regimes.REGIMES), "runs": {}}
+    fig, axes = plotting.figure(len(LOSSES), len(DATASETS), width=10, height=9.8)
+    data = {"config": dataclasses.asdict(config(ctx)), "seeds": list(seeds(ctx)), "regimes": list(regimes.REGIMES),
+            "runs": {}, "per_seed": []}
+    worst = 1.0
     for i, loss in enumerate(LOSSES):
+        rows = structures(ctx, loss)
+        data["per_seed"] += [{k: v for k, v in r.items() if k != "history"} for r in rows]
         for j, name in enumerate(DATASETS):
-            out = _run(name, loss, cfg)
-            C = np.asarray(out["pair_confusion"])
+            mine = [r for r in rows if r["dataset"] == name]
+            C = np.sum([r["pair_confusion"] for r in mine], axis=0)
+            pa, ba = (claims.spread(r[k] for r in mine) for k in ("pair_agreement", "regime_agreement"))
+            worst = min(worst, pa.mean)
             ax = axes[i, j]
             ax.imshow(np.log1p(C), cmap="Greens")
             for (p, r), c in np.ndenumerate(C):
@@ -123,13 +156,13 @@ def regime_agreement(ctx):
                     ax.text(r, p, str(c), ha="center", va="center", fontsize=7)
             ax.set_xticks(range(len(short)), short, fontsize=6)
             ax.set_yticks(range(len(short)), short, fontsize=6)
-            ax.set_title(f"{loss}, {name}: {out['pair_agreement']:.2f} (batch {out['regime_agreement']:.2f})")
-            data["config"] = out["config"]
-            data["runs"].setdefault(name, {})[loss] = {k: out[k] for k in HEADLINE} | {
-                "pair_confusion": out["pair_confusion"], "batch_confusion": out["batch_confusion"]}
-        axes[i, 0].set_ylabel("predicted")
+            ax.set_title(f"{loss}, {name}: one-pair {pa.mean:.2f}\nbatch {ba}", fontsize=8)
+            data["runs"].setdefault(name, {})[loss] = {"pair_agreement": pa.as_dict(), "batch_agreement": ba.as_dict(),
+                                                      "pair_confusion": C.tolist()}
+        axes[i, 0].set_ylabel("predicted regime")
     for ax in axes[-1]:
-        ax.set_xlabel("realised")
-    fig.suptitle("Regime agreement: one-pair check (title: its agreement; batch: the actual AdamW step)")
+        ax.set_xlabel("realised regime")
+    fig.suptitle(f"Regime agreement over {len(seeds(ctx))} seeds (counts summed): one-pair check at least "
+                 f"{worst:.2f} in every cell; batch = the actual AdamW step, mean [95% interval]")
     fig.tight_layout()
     return fig, data

@@ -127,10 +127,18 @@ def _masks(rows, starts, T):
     return mask
 
 
-def pairs(structure: str, n: int, seed: int, lang: Language | None = None) -> PairSet:
-    """``n`` preference pairs of ``structure`` (see the module docstring), deterministic in ``seed``."""
+def pairs(structure: str, n: int, seed: int, lang: Language | None = None, suffix_len: int | None = None) -> PairSet:
+    """``n`` preference pairs of ``structure`` (see the module docstring), deterministic in ``seed``.
+
+    ``suffix_len`` (the suffix-length sweep): each response is cut to the label and the first
+    ``suffix_len`` tokens of its shared suffix, without ``<eos>``; the random draws are the
+    same for every ``suffix_len``, so the sweep's pairs differ only in where they are cut."""
     if structure not in STRUCTURES:
         raise unknown("dataset structure", structure, STRUCTURES)
+    if suffix_len is not None and structure not in ("1t", "short-suffix", "long-suffix"):
+        raise GesimError(f"suffix_len needs a label-first structure (1t, short-suffix, long-suffix), not {structure!r}")
+    if suffix_len is not None and not 0 <= suffix_len <= SUFFIX[structure]:
+        raise GesimError(f"suffix_len={suffix_len} is outside [0, {SUFFIX[structure]}] for {structure!r}")
     lang = lang or Language()
     rng = np.random.default_rng(seed)
     rows_w, rows_l, starts, words_w, words_l = [], [], [], [], []
@@ -142,6 +150,8 @@ def pairs(structure: str, n: int, seed: int, lang: Language | None = None) -> Pa
         extra = lang.suffix(rng, 3) if structure == "unequal" else []
         resp_w = lead + [label] + suffix + ["<eos>"]
         resp_l = lead + [other] + suffix + extra + ["<eos>"]
+        if suffix_len is not None:
+            resp_w, resp_l = resp_w[: 1 + suffix_len], resp_l[: 1 + suffix_len]
         rows_w.append(lang.encode(prompt + resp_w))
         rows_l.append(lang.encode(prompt + resp_l))
         starts.append(len(prompt))

@@ -170,3 +170,29 @@ def confusion(pred, real) -> np.ndarray:
     """Counts C[p, r] of predicted regime p against realised regime r (codes of :data:`regimes.REGIMES`)."""
     n = len(regimes.REGIMES)
     return np.bincount(np.asarray(pred, int) * n + np.asarray(real, int), minlength=n * n).reshape(n, n)
+
+
+def pair_outcomes(pairs: dict) -> dict:
+    """Per-run fractions over the eval pairs, from :func:`preference`'s per-pair record.
+
+    dlw, dll: mean realised change of lw and ll over the whole run; chosen_fell, rejected_rose:
+    fraction of pairs with lw_final < lw_start, ll_final > ll_start; pred_fall_start: fraction
+    the one-pair check at the start (measured ip, nw2, nl2 and the loss's d_w, d_l) predicts
+    chosen down; agree_start: fraction whose realised sign of delta lw over the run matches that
+    prediction; with the summed first-order prediction (light runs) pred_fall_sum, agree_sum;
+    regime fractions predicted at the start and realised over the run."""
+    lw0, ll0 = np.asarray(pairs["lw_start"]), np.asarray(pairs["ll_start"])
+    dlw, dll = np.asarray(pairs["lw_final"]) - lw0, np.asarray(pairs["ll_final"]) - ll0
+    pw = np.asarray(pairs["pred_start_dlw"])
+    real_codes = regimes.regime_codes(dlw, dll)
+    pred_codes = np.asarray(pairs["pred_start_regime"], int)
+    out = {"dlw": float(dlw.mean()), "dll": float(dll.mean()), "chosen_fell": float(np.mean(dlw < 0)),
+           "rejected_rose": float(np.mean(dll > 0)), "cos_start": float(np.mean(pairs["cos_start"])),
+           "cos_end": float(np.mean(pairs["cos_end"])), "pred_fall_start": float(np.mean(pw < 0)),
+           "agree_start": float(np.mean((pw < 0) == (dlw < 0))),
+           "pred_regimes": {r: float(np.mean(pred_codes == i)) for i, r in enumerate(regimes.REGIMES)},
+           "real_regimes": {r: float(np.mean(real_codes == i)) for i, r in enumerate(regimes.REGIMES)}}
+    if "pred_sum_dlw" in pairs:
+        ps = np.asarray(pairs["pred_sum_dlw"])
+        out |= {"pred_fall_sum": float(np.mean(ps < 0)), "agree_sum": float(np.mean((ps < 0) == (dlw < 0)))}
+    return out

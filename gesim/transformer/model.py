@@ -4,6 +4,14 @@ Every parameter is used through its own module's forward (nn.Embedding, nn.Layer
 nn.Linear), never functionally, so module hooks (the gradient probe) see every use; with
 ``tie_weights`` the head's weight *is* ``wte.weight`` (GPT-2's tying). Shapes: B batch, T
 time, C = n_embd, V vocabulary.
+
+Thread-count invariance (CPU): torch's fused LayerNorm backward sums the weight and bias
+gradients over rows in per-thread partial sums, so they differ in the last bits with the
+number of threads, and over hundreds of Adam steps the SFT model drifts (issue 11: the
+headline "chosen falls" flipped sign between 1 and 2 threads). :class:`LayerNorm` computes
+the same function as ``x_hat * weight + bias`` with an unaffine ``F.layer_norm``; autograd
+then reduces those gradients with a plain ``sum``, which is thread-count invariant, as are
+every other forward and backward of this model on CPU (``tests/test_transformer_repro.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,20 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise GesimError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm with a thread-count-invariant backward (see the module docstring).
+
+    y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias, over the last dimension; still an
+    ``nn.LayerNorm`` (same parameters, same state dict), so the gradient probe recognises it.
+    """
+
+    def forward(self, x):
+        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        return y + self.bias if self.bias is not None else y
 
 
 class CausalSelfAttention(nn.Module):
@@ -63,9 +85,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
     def forward(self, x):
@@ -82,7 +104,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.apply(self._init)
         if cfg.tie_weights:

@@ -17,6 +17,22 @@ Long runs write ``checkpoint.pt`` every ``checkpoint_every`` steps when given an
 folder and resume from it; metrics go to ``metrics.csv`` and ``summary.json`` there (all
 written atomically). With ``amp="auto"`` the training forward runs under bf16 autocast on
 CUDA; every measurement runs in float32 (the one-pair check in float64) outside autocast.
+
+Reproducible under a seed (CPU): every random draw comes from its own stream
+:func:`stage_seed` (seed, stage) (model init, SFT data, SFT batches, preference train and
+eval pairs, preference batches), never from torch's global generator, so the numbers do not
+depend on what ran before in the process. Threads: the model's LayerNorm backward is made
+thread-count invariant (:mod:`gesim.transformer.model`), but MKL's GEMM kernels still split
+rows differently with the thread count for some shapes (measured: n_embd=24 at 3 threads
+changes attention's c_proj output in the last bit, and 60 SFT steps turn that into a different
+model). So a CPU run pins torch to ``cfg.threads`` intra-op threads (default 1; restored
+afterwards, :func:`pinned`): the numbers are then the same whatever ``torch.get_num_threads()``
+the caller had. With ``threads=None`` the caller's count is kept and invariance holds only
+where MKL's kernels agree (they did for the fast preset at 1-8 threads).
+
+``light=True`` (the suffix sweep and the cross-loss comparison) skips the token cosines and
+runs the one-pair check at the start only, but checks every step to first order and keeps
+per-pair results (:func:`measure.pair_outcomes`).
 """
 
 from __future__ import annotations
@@ -67,6 +83,9 @@ class TrainConfig:
     amp: str = "auto"
     seed: int = 0
     device: str = "cpu"
+    threads: int | None = 1  # CPU: torch intra-op threads for the run (restored after); None: the caller's
+    suffix_len: int | None = None  # preference pairs cut to label + this many suffix tokens (suffix sweep)
+    light: bool = False  # one-pair check at the start only, every step checked to first order
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -75,6 +94,10 @@ class TrainConfig:
             raise unknown("amp setting", self.amp, AMP)
         if self.optimizer not in OPTIMIZERS:
             raise unknown("optimizer", self.optimizer, OPTIMIZERS)
+        if self.threads is not None and self.threads < 1:
+            raise GesimError(f"threads must be a positive integer or None, got {self.threads}")
+        if self.suffix_len is not None and not 0 <= self.suffix_len <= max(data.SUFFIX.values()):
+            raise GesimError(f"suffix_len must be in [0, {max(data.SUFFIX.values())}], got {self.suffix_len}")
         for name in ("sft_steps", "pref_steps", "eval_every", "checkpoint_every", "batch", "n_train", "n_eval"):
             if getattr(self, name) < (0 if name == "sft_steps" else 1):
                 raise GesimError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -95,6 +118,32 @@ class TrainConfig:
         device_type = torch.device(self.device).type
         on = self.amp == "bf16" or (self.amp == "auto" and device_type == "cuda")
         return torch.autocast(device_type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def pinned(cfg: TrainConfig):
+    """Run the block with ``cfg.threads`` torch intra-op threads on CPU (see the module docstring)."""
+    if cfg.threads is None or torch.device(cfg.device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+STAGES = ("init", "sft-data", "sft-batches", "pref-train", "pref-eval", "pref-batches")
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """The seed of one random stream of a run: a hash of (seed, stage) by numpy's SeedSequence,
+    so streams of different stages and different seeds never coincide (seed + k offsets made
+    seed 0's eval pairs seed 2's SFT data)."""
+    if stage not in STAGES:
+        raise unknown("random stage", stage, STAGES)
+    return int(np.random.SeedSequence([int(seed), STAGES.index(stage)]).generate_state(1)[0])
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
@@ -120,10 +169,15 @@ def _optimizer(name, params, lr):
 
 def sft(model, cfg: TrainConfig, structure: str) -> list[float]:
     """Train on prompt + (noisy) label + suffix; returns the loss per step (mean token NLL)."""
-    ids, mask = data.sft_sequences(structure, cfg.n_train, cfg.seed, cfg.label_noise)
+    with pinned(cfg):
+        return _sft(model, cfg, structure)
+
+
+def _sft(model, cfg: TrainConfig, structure: str) -> list[float]:
+    ids, mask = data.sft_sequences(structure, cfg.n_train, stage_seed(cfg.seed, "sft-data"), cfg.label_noise)
     ids, mask = ids.to(cfg.device), mask.to(cfg.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(stage_seed(cfg.seed, "sft-batches"))
     history = []
     for _ in range(cfg.sft_steps):
         rows = torch.randint(0, len(ids), (cfg.batch,), generator=g).to(cfg.device)
@@ -156,27 +210,41 @@ def _save(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _measure(model, opt, cfg, evals, loss, params, ref_eval, step, tokens: bool, objective=None):
-    """Before the step: geometry, the one-pair check and (optionally) token cosines.
+def _measure(model, opt, cfg, evals, loss, params, ref_eval, step, tokens: bool, objective=None,
+             one_pair: bool = True):
+    """Before the step: geometry, the one-pair check (unless ``one_pair`` is False) and
+    (optionally) token cosines.
 
     With a custom ``objective`` (a mitigation), the one-pair check is that objective's plain
     gradient step on each pair alone (:func:`measure.method_pair_check`)."""
     stats = probe.pair_stats(model, evals)
-    if objective is None:
-        one = measure.pair_check(model, evals, loss, params, ref_eval, measure.adam_precond(opt, model))
-    else:
-        one = measure.method_pair_check(model, evals, objective, ref_eval)
     row = {"step": step, "lw": float(stats["lw"].mean()), "ll": float(stats["ll"].mean()),
            "lw_per_token": float((stats["lw"] / evals.chosen_mask.sum(1)).mean()),
            "ll_per_token": float((stats["ll"] / evals.rejected_mask.sum(1)).mean()),
            "margin": float((stats["lw"] - stats["ll"]).mean()),
            "cos": float(stats["cos"].mean()), "ip": float(stats["ip"].mean()),
-           "nw2": float(stats["nw2"].mean()), "nl2": float(stats["nl2"].mean()),
-           "pair_agreement": float(np.mean(one["pred"] == one["real"])),
-           "pair_ideal_fraction": float(np.mean(one["real"] == regimes.IDEAL)),
-           "pair_confusion": measure.confusion(one["pred"], one["real"]).tolist()}
+           "nw2": float(stats["nw2"].mean()), "nl2": float(stats["nl2"].mean())}
+    if not one_pair:
+        return stats, row, {}
+    if objective is None:
+        one = measure.pair_check(model, evals, loss, params, ref_eval, measure.adam_precond(opt, model))
+    else:
+        one = measure.method_pair_check(model, evals, objective, ref_eval)
+    row |= {"pair_agreement": float(np.mean(one["pred"] == one["real"])),
+            "pair_ideal_fraction": float(np.mean(one["real"] == regimes.IDEAL)),
+            "pair_confusion": measure.confusion(one["pred"], one["real"]).tolist(),
+            "one_pair": {"pred_start_dlw": one["pred_dlw"].tolist(), "pred_start_dll": one["pred_dll"].tolist(),
+                         "pred_start_regime": one["pred"].tolist()}}
     extra = {"token_cos": measure.token_cosines(model, evals, range(cfg.token_pairs))} if tokens else {}
     return stats, row, extra
+
+
+def preference_data(structure: str, cfg: TrainConfig):
+    """The preference training and eval pairs of a run (:class:`lm.PairBatch` each, on ``cfg.device``):
+    their own random streams, cut to ``cfg.suffix_len`` suffix tokens when that is set."""
+    train = data.pairs(structure, cfg.n_train, stage_seed(cfg.seed, "pref-train"), suffix_len=cfg.suffix_len)
+    evals = data.pairs(structure, cfg.n_eval, stage_seed(cfg.seed, "pref-eval"), suffix_len=cfg.suffix_len)
+    return train.batch.to(cfg.device), evals.batch.to(cfg.device)
 
 
 def preference(model, cfg: TrainConfig, structure: str, loss: str, params: dict, progress=False, *,
@@ -188,25 +256,35 @@ def preference(model, cfg: TrainConfig, structure: str, loss: str, params: dict,
     (mitigations: :mod:`gesim.methods`); ``make_optimizer(model) -> Optimizer`` replaces
     ``cfg.optimizer``. With ``out``, checkpoints go to ``out/checkpoint.pt`` (and ``resume``
     continues from there); ``until`` stops after that many steps (a later call resumes).
+    The result's ``pairs`` holds per eval pair: lw, ll and cos at the start, lw and ll after
+    the last step, the one-pair prediction at the start and (``cfg.light``) the first-order
+    prediction summed over every step.
     """
+    with pinned(cfg):
+        return _preference(model, cfg, structure, loss, params, progress, objective=objective,
+                           make_optimizer=make_optimizer, out=out, resume=resume, until=until)
+
+
+def _preference(model, cfg, structure, loss, params, progress, *, objective, make_optimizer, out, resume, until):
     losses.get(loss).params(**params)
     custom = objective
     objective = objective or pair_objective(loss, params)
-    train = data.pairs(structure, cfg.n_train, cfg.seed + 1).batch.to(cfg.device)
-    evals = data.pairs(structure, cfg.n_eval, cfg.seed + 2).batch.to(cfg.device)
+    train, evals = preference_data(structure, cfg)
     opt = make_optimizer(model) if make_optimizer else _optimizer(cfg.optimizer, model.parameters(), cfg.lr)
-    g = torch.Generator().manual_seed(cfg.seed + 3)
+    g = torch.Generator().manual_seed(stage_seed(cfg.seed, "pref-batches"))
     ckpt = Path(out) / "checkpoint.pt" if out else None
     if resume and ckpt and ckpt.exists():
         state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         g.set_state(state["generator"])
-        start, history, extra, ref = state["step"], state["history"], state["extra"], state["ref"]
+        start, history, extra, ref, acc = state["step"], state["history"], state["extra"], state["ref"], state["acc"]
     else:
         with torch.no_grad():
             ref = {"train": lm.pair_logps(model, train), "eval": lm.pair_logps(model, evals)}
         start, history, extra = 0, [], {}
+        acc = {"pred_sum_dlw": torch.zeros(len(evals), dtype=torch.float64),
+               "pred_sum_dll": torch.zeros(len(evals), dtype=torch.float64)}
     (ref_w, ref_l), len_w, len_l = ref["train"], train.chosen_mask.sum(1), train.rejected_mask.sum(1)
     stop = cfg.pref_steps if until is None else min(until, cfg.pref_steps)
     steps = range(start, stop)
@@ -218,21 +296,33 @@ def preference(model, cfg: TrainConfig, structure: str, loss: str, params: dict,
         rows = torch.randint(0, len(train), (cfg.batch,), generator=g).to(cfg.device)
         sub = lm.PairBatch(*(t[rows] for t in (train.chosen_ids, train.rejected_ids, train.chosen_mask,
                                                  train.rejected_mask)))
-        measured = step % cfg.eval_every == 0 or step == cfg.pref_steps - 1
+        last = step == cfg.pref_steps - 1
+        measured = step == 0 or last or (not cfg.light and step % cfg.eval_every == 0)
         if measured:
-            last = step == cfg.pref_steps - 1
             stats, row, tokens = _measure(model, opt, cfg, evals, loss, params, ref["eval"], step,
-                                          tokens=step == 0 or last, objective=custom)
+                                          tokens=not cfg.light and (step == 0 or last), objective=custom,
+                                          one_pair=not cfg.light or step == 0)
             extra.update({("token_cos_first" if step == 0 else "token_cos_last"): v for v in tokens.values()})
+            if step == 0:
+                extra["pairs"] = {"lw_start": stats["lw"].tolist(), "ll_start": stats["ll"].tolist(),
+                                  "cos_start": stats["cos"].tolist(), **row.pop("one_pair")}
+            else:
+                row.pop("one_pair", None)
+            if last:
+                extra["pairs_cos_end"] = stats["cos"].tolist()
+        if measured or cfg.light:
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
         with cfg.autocast():
             L = objective(model, sub, ref_w[rows], ref_l[rows], len_w[rows], len_l[rows])
         opt.zero_grad()
         L.backward()
         opt.step()
-        if measured:
+        if measured or cfg.light:
             u = {n: p.detach() - before[n] for n, p in model.named_parameters()}
             pred_w, pred_l = measure.step_check(model, before, evals, u)
+            acc["pred_sum_dlw"] += pred_w.detach().double().cpu()
+            acc["pred_sum_dll"] += pred_l.detach().double().cpu()
+        if measured:
             with torch.no_grad():
                 after_w, after_l = lm.pair_logps(model, evals)
             real_w, real_l = after_w - stats["lw"], after_l - stats["ll"]
@@ -246,8 +336,16 @@ def preference(model, cfg: TrainConfig, structure: str, loss: str, params: dict,
             history.append(row)
         if ckpt and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop):
             _save(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(),
-                         "step": step + 1, "history": history, "extra": extra, "ref": ref})
-    return {"history": history, "done": stop == cfg.pref_steps, **extra}
+                         "step": step + 1, "history": history, "extra": extra, "ref": ref, "acc": acc})
+    done = stop == cfg.pref_steps
+    if done:
+        with torch.no_grad():
+            lw_final, ll_final = lm.pair_logps(model, evals)
+        extra["pairs"].update({"lw_final": lw_final.tolist(), "ll_final": ll_final.tolist(),
+                               "cos_end": extra.pop("pairs_cos_end")})
+        if cfg.light:
+            extra["pairs"].update({k: v.tolist() for k, v in acc.items()})
+    return {"history": history, "done": done, **extra}
 
 
 _SFT_CACHE: dict = {}
@@ -260,9 +358,10 @@ def sft_model(structure: str, cfg: TrainConfig, out: Path | None = None):
     as ``out/sft.pt`` when ``out`` is given, so several losses share one SFT run.
     """
     key = (structure, cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.sft_steps, cfg.sft_lr,
-           cfg.label_noise, cfg.n_train, cfg.batch, cfg.amp, cfg.seed, cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, len(data.Language()))
+           cfg.label_noise, cfg.n_train, cfg.batch, cfg.amp, cfg.seed, cfg.device, cfg.threads)
+    with torch.random.fork_rng(devices=[]), pinned(cfg):  # the init's own stream; the global RNG is left alone
+        torch.manual_seed(stage_seed(cfg.seed, "init"))
+        model = build_model(cfg, len(data.Language()))
     path = Path(out) / "sft.pt" if out else None
     saved = torch.load(path, map_location=cfg.device, weights_only=False) if path and path.exists() else None
     if saved is not None and saved["key"] == key:
@@ -283,7 +382,7 @@ def sft_model(structure: str, cfg: TrainConfig, out: Path | None = None):
 def summary(structure: str, loss: str, params: dict, cfg: TrainConfig, sft_loss: list, out: dict) -> dict:
     """The run's headline numbers (the CLI's JSON) plus the history and the config."""
     h = out["history"]
-    pair_c = np.sum([r["pair_confusion"] for r in h], axis=0)
+    pair_c = np.sum([r["pair_confusion"] for r in h if "pair_confusion" in r], axis=0)
     batch_c = np.sum([r["batch_confusion"] for r in h], axis=0)
     return {"dataset": structure, "loss": loss, "params": params, "steps": cfg.pref_steps,
             "sft_loss_first": sft_loss[0] if sft_loss else None, "sft_loss_last": sft_loss[-1] if sft_loss else None,
@@ -293,7 +392,8 @@ def summary(structure: str, loss: str, params: dict, cfg: TrainConfig, sft_loss:
             "pair_agreement": float(np.trace(pair_c) / pair_c.sum()),
             "regimes": list(regimes.REGIMES), "pair_confusion": pair_c.tolist(), "batch_confusion": batch_c.tolist(),
             "token_cos_first": out.get("token_cos_first", []), "token_cos_last": out.get("token_cos_last", []),
-            "history": h, "config": dataclasses.asdict(cfg)}
+            "outcomes": measure.pair_outcomes(out["pairs"]), "pairs": out["pairs"], "history": h,
+            "config": dataclasses.asdict(cfg)}
 
 
 SCALARS = ("step", "lw", "ll", "lw_per_token", "ll_per_token", "margin", "cos", "ip", "nw2", "nl2", "loss",
