@@ -201,3 +201,13 @@ def test_plain_dpo_lowers_the_chosen_logprob_in_the_mitigation_setting(one_threa
     assert row["dlw"] < 0 and row["dll"] < 0
     with pytest.raises(GesimError):
         mitigation.method_run("nothing", mitigation.config())
+
+
+def test_the_two_mitigation_figures_share_seeds_and_a_new_base_seed_draws_new_ones():
+    from gesim.figures import Context
+    from gesim.figures.methods import N_SEEDS, _seeds
+
+    a = _seeds(Context("mitigation_regimes", "fast", 0), "mitigation_regimes")
+    b = _seeds(Context("entanglement_by_method", "fast", 0), "mitigation_regimes")
+    c = _seeds(Context("mitigation_regimes", "fast", 1), "mitigation_regimes")
+    assert a == b and len(a) == len(set(a)) == N_SEEDS["fast"] and not set(a) & set(c)
