@@ -20,6 +20,15 @@ Measured on held-out reviews (disjoint draws from the training data):
 * **tax** = the held-out SFT suffix NLL (nats/token) minus theta_r's, and **pretrain_tax** =
   the held-out review-text NLL minus theta_r's: abilities the preference data does not target.
 
+Why this setting (small timed runs, fast config, one thread): with the label as the reward the
+tiny SFT model labels at chance in most seeds (P(correct) about 0.5 after 200-400 SFT steps),
+and DPO on the label then pushes both labels down (P(correct) 0.49 -> 0.02): no trade-off to
+study. The opener needs no classification: at lr 3e-4 for 60 AdamW steps P(rated) rises from
+about 0.16 to 0.37-0.70 in seeds 0-4 at a suffix tax of +0.4 to +0.7 nats/token (lr 1e-3: 0.8-0.96
+at +2.5, past any useful trade-off). Not in every seed: in seed 67889 DPO lifts P(rated) to 0.41
+by step 10 and then displaces the chosen opener (its log-prob falls with the rejected ones'),
+ending at 0.10, below the SFT model's 0.16, at lr 1e-4 and 1.5e-4 too.
+
 Every method is a point or a path in the (tax, reward) plane (:mod:`gesim.methods.tax`
 compares them over seeds).
 """
