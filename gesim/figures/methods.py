@@ -166,11 +166,19 @@ def alignment_tax_pareto(ctx):
     styles += [(k, "^:" if "dare" in k else "v:", c) for k, c in zip(omos, colors)]
     for name, style, color in styles:
         tax, rew = _mean_path([s[name] for s in per])
-        ax.errorbar([t.mean for t in tax], [r.mean for r in rew], xerr=[[t.mean - t.lo for t in tax],
-                    [t.hi - t.mean for t in tax]], yerr=[[r.mean - r.lo for r in rew], [r.hi - r.mean for r in rew]],
-                    fmt=style, ms=4, lw=1, elinewidth=0.6, capsize=1.5, color=color, label=name, alpha=0.85)
+        big = name.startswith("omo_") and name != omos[0] and not name.endswith(omos[0].rsplit("_", 1)[1])
+        # OMO runs that differ only in alpha can coincide: later alphas get large open markers
+        ax.plot([t.mean for t in tax], [r.mean for r in rew], style, ms=7 if big else 3, lw=1, color=color,
+                label=name, alpha=0.85, mfc="none" if big else color)
+        # intervals: every point of averaging and HMA, the end point of a training path
+        ends = range(len(tax)) if name in ("model_averaging", "hma") else [len(tax) - 1]
+        for i in ends:
+            ax.errorbar(tax[i].mean, rew[i].mean, xerr=[[tax[i].mean - tax[i].lo], [tax[i].hi - tax[i].mean]],
+                        yerr=[[rew[i].mean - rew[i].lo], [rew[i].hi - rew[i].mean]], fmt="none", elinewidth=0.7,
+                        capsize=2, color=color, alpha=0.85)
     ax.set(xlabel="tax: held-out SFT suffix NLL - SFT model's (nats/token)",
-           ylabel="reward: P(response opens with 'rated')")
+           ylabel="reward: P(response opens with 'rated')", ylim=(-0.05, 1.05),
+           title="mean paths; whiskers: 95% t intervals (path end points)")
     ax.legend(fontsize=6, ncol=2)
     groups = [("avg - ES", summ["avg_vs_es"]), ("HMA - avg", summ["hma_vs_avg"]), ("OMO - AdamW", summ["omo_vs_adamw"])]
     labels, x = [], 0
