@@ -99,3 +99,115 @@ def test_pngd_objective_gives_ideal_one_pair_steps_and_fish_tends_to_dpo():
 def test_fish_objective_rejects_a_nonpositive_alpha():
     with pytest.raises(GesimError):
         fish.disentangle_objective(alpha=0.0)
+
+
+# --- the alignment-tax harness and the mitigation study (issue 12) ---------------------------
+
+from gesim import claims  # noqa: E402
+from gesim.methods import harness, mitigation, tax  # noqa: E402
+
+
+def _pts(*xy):
+    return [{"tax": t, "reward": r} for t, r in xy]
+
+
+def test_front_at_by_hand():
+    path = _pts((0.0, 0.1), (1.0, 0.5), (2.0, 0.3), (0.5, 0.45))
+    assert tax.front_at(path, 0.5) == pytest.approx(0.45)  # the last point, above the interpolated 0.3
+    assert tax.front_at(path, 0.25) == pytest.approx(0.2)  # on the first segment: 0.1 + 0.4 * 0.25
+    assert tax.front_at(path, 1.5) == pytest.approx(0.5)  # the peak at tax 1 (segment 1->2 crosses at 0.4)
+    assert tax.front_at(path, -1.0) == pytest.approx(0.1)  # below the curve: its lowest-tax point
+    assert tax.best_within(path, 0.6) == pytest.approx(0.45)
+    assert np.isnan(tax.best_within(path, -0.1))
+
+
+def test_style_pairs_differ_in_the_opener_and_count_only_it():
+    lang = data.Language()
+    batch, start = harness.style_pairs(6, 0, "opener")
+    rows = torch.arange(6)
+    assert (batch.chosen_ids[rows, start + 1] == lang.index[harness.PREFERRED]).all()
+    assert (batch.rejected_ids[rows, start + 1] != lang.index[harness.PREFERRED]).all()
+    assert torch.equal(batch.chosen_ids[:, : int(start.min()) + 1], batch.rejected_ids[:, : int(start.min()) + 1])
+    assert batch.chosen_mask.sum(1).tolist() == [1.0] * 6 and batch.rejected_mask[rows, start + 1].eq(1).all()
+    full, _ = harness.style_pairs(6, 0, "full")
+    assert torch.equal(full.chosen_ids, batch.chosen_ids)
+    assert full.chosen_mask.sum(1).tolist() == [29.0] * 6  # label + 27 suffix tokens + <eos>
+    with pytest.raises(GesimError):
+        harness.style_pairs(2, 0, "everything")
+
+
+def test_reward_is_the_probability_of_the_preferred_opener(one_thread):
+    cfg = harness.TaxConfig.fast(n_heldout=64)
+    held = harness.heldout(cfg, 0)
+    model = _tiny(0).float().eval()
+    got = harness.evaluate(model, held)
+    ids = held["ids"]
+    with torch.no_grad():
+        p = torch.softmax(model(ids).double(), -1)  # (N, T, V), position t predicts t + 1
+    rated = data.Language().index["rated"]
+    want = float(torch.stack([p[i, held["opener"][i] - 1, rated] for i in range(len(ids))]).mean())
+    assert got["reward"] == pytest.approx(want, rel=1e-9)
+    # the sampled fraction is a binomial draw around it: within 5 standard errors
+    se = (want * (1 - want) / len(ids)) ** 0.5
+    assert abs(got["sampled_reward"] - want) < 5 * se + 1e-9
+
+
+def test_samples_stop_at_eos_and_the_mask_covers_the_response(one_thread):
+    model = _tiny(1).float().eval()
+    ps = data.pairs("long-suffix", 5, 3)
+    ids, mask = harness.sample(model, ps.batch.chosen_ids, ps.prompt_len, 6, seed=0)
+    eos = data.Language().eos_id
+    for i in range(5):
+        p = int(ps.prompt_len[i])
+        assert torch.equal(ids[i, :p], ps.batch.chosen_ids[i, :p])
+        resp = ids[i][mask[i].bool()].tolist()
+        assert mask[i, :p].sum() == 0 and 1 <= len(resp) <= 6
+        assert eos not in resp[:-1]  # nothing generated after an <eos>
+
+
+def test_dpo_raises_the_reward_and_costs_the_sft_suffix(one_thread):
+    """The harness's trade-off on one seed: AdamW DPO raises P(opener = rated) on held-out
+    reviews by more than 0.05 and raises the held-out SFT suffix NLL."""
+    cfg = harness.TaxConfig.fast()
+    model, _, held = harness.stages(cfg, 0)
+    start = harness.evaluate(model, held)
+    path = harness.prefer(model, cfg, held, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0), 0)
+    assert path[0] == {"step": 0, **start}
+    assert path[-1]["reward"] > start["reward"] + 0.05
+    assert path[-1]["sft_nll"] > start["sft_nll"]
+    assert path[-1]["margin"] > start["margin"]  # the likelihood-based number agrees in sign
+
+
+def test_summary_spreads_and_claims_match_claims_module():
+    def seed(s, gain, d):
+        return {"seed": s, "start": {"reward": 0.2, "margin": 0.0},
+                "early_stopping": [{"reward": 0.2 + gain, "sampled_reward": 0.2 + gain, "margin": 1.0}],
+                "compare": {"end_reward_gain": gain, "end_tax": 0.3, "end_pretrain_tax": 0.1,
+                            "best_reward_at_tax": {"early_stopping": 0.2 + gain},
+                            "avg_vs_es": {0.5: d}, "hma_vs_avg": {0.5: -d}, "hma_minus_avg_reward": {0.5: d},
+                            "hma_minus_avg_tax": {0.5: d}, "omo_vs_adamw": {"omo_x": d}}}
+    rows = [seed(0, 0.3, 0.1), seed(1, 0.02, -0.2), seed(2, 0.4, 0.3)]
+    s = tax.summarise(rows)
+    assert s["reward_rises"] == {"k": 2, "n": 3, "per_seed": [True, False, True]}
+    assert s["avg_beats_es"]["0.5"]["k"] == 2 and s["hma_beats_avg"]["0.5"]["k"] == 1
+    assert s["end_reward_gain"] == claims.spread([0.3, 0.02, 0.4]).as_dict()
+    with pytest.raises(GesimError):
+        tax.summarise([])
+
+
+def test_plain_dpo_lowers_the_chosen_logprob_in_the_mitigation_setting(one_thread):
+    """Seed 0 of the mitigation study's setting: DPO's chosen log-prob falls (so do the rejected)."""
+    row = mitigation.summary(mitigation.method_run("dpo", mitigation.config(seed=0))["history"])
+    assert row["dlw"] < 0 and row["dll"] < 0
+    with pytest.raises(GesimError):
+        mitigation.method_run("nothing", mitigation.config())
+
+
+def test_the_two_mitigation_figures_share_seeds_and_a_new_base_seed_draws_new_ones():
+    from gesim.figures import Context
+    from gesim.figures.methods import N_SEEDS, _seeds
+
+    a = _seeds(Context("mitigation_regimes", "fast", 0), "mitigation_regimes")
+    b = _seeds(Context("entanglement_by_method", "fast", 0), "mitigation_regimes")
+    c = _seeds(Context("mitigation_regimes", "fast", 1), "mitigation_regimes")
+    assert a == b and len(a) == len(set(a)) == N_SEEDS["fast"] and not set(a) & set(c)

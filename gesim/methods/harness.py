@@ -1,19 +1,36 @@
 """One harness for the alignment tax (docs/theory.md section 6.6) on the small Transformer.
 
-Stages: pretrain theta_b (next-token prediction on reviews alone) -> SFT theta_r (review,
-label and a slot-filled suffix, the behaviour to keep) -> preference optimisation on
-``long-suffix`` pairs from theta_r (also the reference). The preference data rewards the
-correct label and, through the shared suffix, entangles: it also pushes the SFT suffix
-behaviour down, so a tax exists.
+Stages, all on the offline review language (:mod:`gesim.transformer.data`):
 
-* reward: the exact mean probability of the correct label given the review, on held-out
-  reviews (one forward pass);
-* tax: the increase of the held-out SFT suffix NLL (mean per token) over theta_r's, and of
-  the pretraining NLL over theta_b's.
+1. pretrain theta_b: next-token prediction on review text alone;
+2. SFT theta_r (also the DPO reference): review -> label + a slot-filled ``long-suffix``, the
+   label flipped with probability ``sft_label_noise``, so the SFT model labels well but not
+   perfectly and keeps a suffix behaviour (the ability to keep);
+3. preference optimisation on ``pref_structure`` pairs (default ``1t``: chosen = correct label
+   + <eos>, rejected = the other label + <eos>). The data asks for the correct label and, by
+   ending the response right after it, pulls against the SFT suffix: a real trade-off.
 
-Every method is a point (or a path) in the (tax, reward) plane: early stopping (the path of
-AdamW), model averaging of theta_r and the final model, HMA at the same mean ratios, and OMO
-(OnDARE, OnTIES) around AdamW.
+Measured on held-out reviews (disjoint draws from the training data):
+
+* **reward** = P(first response token = the preferred label | review), the exact expected
+  fraction of sampled responses that carry the preferred label (one forward pass; the
+  ``sampled_reward`` draws one response label per review to show the same number with sampling
+  noise); next to it the likelihood-based numbers of held-out preference pairs (mean chosen
+  log-prob ``lw``, rejected ``ll``, ``margin``);
+* **tax** = the held-out SFT suffix NLL (nats/token) minus theta_r's, and **pretrain_tax** =
+  the held-out review-text NLL minus theta_r's: abilities the preference data does not target.
+
+Why this setting (small timed runs, fast config, one thread): with the label as the reward the
+tiny SFT model labels at chance in most seeds (P(correct) about 0.5 after 200-400 SFT steps),
+and DPO on the label then pushes both labels down (P(correct) 0.49 -> 0.02): no trade-off to
+study. The opener needs no classification: at lr 3e-4 for 60 AdamW steps P(rated) rises from
+about 0.16 to 0.37-0.70 in seeds 0-4 at a suffix tax of +0.4 to +0.7 nats/token (lr 1e-3: 0.8-0.96
+at +2.5, past any useful trade-off). Not in every seed: in seed 67889 DPO lifts P(rated) to 0.41
+by step 10 and then displaces the chosen opener (its log-prob falls with the rejected ones'),
+ending at 0.10, below the SFT model's 0.16, at lr 1e-4 and 1.5e-4 too.
+
+Every method is a point or a path in the (tax, reward) plane (:mod:`gesim.methods.tax`
+compares them over seeds).
 """
 
 from __future__ import annotations
@@ -25,27 +42,49 @@ import numpy as np
 import torch
 
 from gesim import lm
-from gesim.methods import averaging, omo
+from gesim.errors import GesimError
 from gesim.transformer import data
 from gesim.transformer.train import TrainConfig, build_model, pair_objective
 
-STRUCTURE = "long-suffix"
+SFT_STRUCTURE = "long-suffix"
+PREFERRED = "rated"  # the suffix opening the preference data asks for
+PREF_TOKENS = ("opener", "full")
 
 
 @dataclass(frozen=True)
 class TaxConfig:
-    """The harness's sizes: the Transformer config plus the three stages' lengths."""
+    """The harness's sizes: the Transformer config plus the stages' lengths and the method grid.
 
-    model: TrainConfig = TrainConfig.fast()
-    pretrain_steps: int = 50
-    pref_steps: int = 100
-    lr: float = 1e-4
-    record_every: int = 10
+    ``omo_p`` and ``omo_alpha_over_lr`` span the OMO paper's ranges (p = 5e-4 .. 1e-2 stable,
+    alpha 1e-7 .. 5e-6 at lr 1e-6, i.e. alpha / lr = 0.1 .. 5); ``omo_rescale`` follows the
+    authors' code for OnDARE's dropout (kept entries divided by p, without which p = 1e-2 barely
+    moves a model); OnTIES keeps its top-p entries unscaled (1/p on the largest entries diverges).
+    """
+
+    model: TrainConfig = TrainConfig.fast(sft_steps=200, n_train=512)
+    sft_label_noise: float = 0.25
+    pref_tokens: str = "opener"
+    pretrain_steps: int = 150
+    pretrain_lr: float = 3e-3
+    pref_steps: int = 60
+    lr: float = 3e-4
+    record_every: int = 5
     n_heldout: int = 128
-    ratios: tuple = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+    ratios: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     hma_ratios: tuple = (0.25, 0.5, 0.75)
-    omo_alpha: float = 1e-3
-    omo_p: float = 0.3
+    hma_steps: int = 30
+    n_samples: int = 64
+    omo_methods: tuple = ("dare", "ties")
+    omo_p: tuple = (0.01,)
+    omo_alpha_over_lr: tuple = (0.1, 5.0)
+    omo_rescale: bool = True
+
+    def __post_init__(self):
+        if self.pref_tokens not in PREF_TOKENS:
+            raise GesimError(f"pref_tokens {self.pref_tokens!r}: choose from {', '.join(PREF_TOKENS)}")
+        for name in ("pretrain_steps", "pref_steps", "record_every", "n_heldout", "n_samples"):
+            if getattr(self, name) < 1:
+                raise GesimError(f"{name} must be a positive integer, got {getattr(self, name)}")
 
     @classmethod
     def fast(cls, **overrides):
@@ -53,137 +92,179 @@ class TaxConfig:
 
     @classmethod
     def full(cls, **overrides):
-        return dataclasses.replace(cls(model=TrainConfig.full(), pretrain_steps=1000, pref_steps=300,
-                                       n_heldout=512), **overrides)
+        return dataclasses.replace(cls(model=TrainConfig.full(), pretrain_steps=1000, pref_steps=200,
+                                       n_heldout=512, n_samples=256, hma_steps=100,
+                                       omo_p=(1e-3, 1e-2, 0.1), omo_alpha_over_lr=(0.1, 1.0, 5.0)),
+                                   **overrides)
 
 
-def _heldout(cfg: TaxConfig):
-    """Held-out SFT sequences, the label position and the prompt (pretraining) masks."""
+def _prompt_mask(ids, prompt_len):
+    m = (torch.arange(ids.shape[1], device=ids.device)[None, :] < prompt_len[:, None]).float()
+    m[:, 0] = 0
+    return m
+
+
+def style_pairs(n: int, seed: int, tokens: str = "opener") -> tuple[lm.PairBatch, torch.Tensor]:
+    """``n`` preference pairs for the preferred opening, and the prompt lengths.
+
+    Both responses are the review's correct label + a 27-token slot-filled suffix + <eos>, in
+    the SFT format; the chosen suffix opens with :data:`PREFERRED` ("rated N out of 10 ..."),
+    the rejected one with any other piece. ``tokens="opener"``: lw and ll count the first
+    suffix token only (the one the preference is about); ``"full"``: the whole responses.
+    """
+    if tokens not in PREF_TOKENS:
+        raise GesimError(f"pref_tokens {tokens!r}: choose from {', '.join(PREF_TOKENS)}")
     lang = data.Language()
-    ps = data.pairs(STRUCTURE, cfg.n_heldout, cfg.model.seed + 11, lang)
+    rng = np.random.default_rng(seed)
+    rows_w, rows_l, starts = [], [], []
+    L = data.SUFFIX[SFT_STRUCTURE]
+    for _ in range(n):
+        prompt, label = lang.review(rng)
+        rated = ["rated", data.NUMBERS[int(rng.integers(len(data.NUMBERS)))], "out", "of", "10"]
+        chosen = (rated + lang.suffix(rng, L))[:L]
+        other = lang.suffix(rng, L)
+        while other[0] == PREFERRED:
+            other = lang.suffix(rng, L)
+        rows_w.append(lang.encode(prompt + [label] + chosen + ["<eos>"]))
+        rows_l.append(lang.encode(prompt + [label] + other + ["<eos>"]))
+        starts.append(len(prompt))
+    ids_w, ids_l = (torch.tensor(r) for r in (rows_w, rows_l)) if len({len(r) for r in rows_w + rows_l}) == 1 \
+        else (data._pad(r, lang.pad_id) for r in (rows_w, rows_l))
+    start = torch.tensor(starts)
+    mw, ml = (data._masks(r, starts, ids.shape[1]) for r, ids in ((rows_w, ids_w), (rows_l, ids_l)))
+    if tokens == "opener":
+        mw, ml = torch.zeros_like(mw), torch.zeros_like(ml)
+        rows = torch.arange(n)
+        mw[rows, start + 1], ml[rows, start + 1] = 1.0, 1.0
+    return lm.PairBatch(ids_w, ids_l, mw, ml), start
+
+
+def heldout(cfg: TaxConfig, seed: int) -> dict:
+    """Held-out data: clean SFT sequences (correct label + suffix) with the opener position and
+    the masks of the suffix after it and of the review text, plus held-out preference pairs
+    (all from draws disjoint from the training data)."""
+    ps = data.pairs(SFT_STRUCTURE, cfg.n_heldout, seed + 11)
     ids, mask = ps.batch.chosen_ids, ps.batch.chosen_mask
-    label_pos = ps.prompt_len  # the response starts with the label
-    T = ids.shape[1]
-    prompt = (torch.arange(T)[None, :] < ps.prompt_len[:, None]).float()
-    prompt[:, 0] = 0
-    suffix = mask.clone()
-    suffix[torch.arange(len(ids)), label_pos] = 0
-    wrong = ps.batch.rejected_ids[torch.arange(len(ids)), label_pos]
-    return {"ids": ids, "prompt": prompt, "suffix": suffix, "label_pos": label_pos,
-            "right": ids[torch.arange(len(ids)), label_pos], "wrong": wrong}
+    rows, opener = torch.arange(len(ids)), ps.prompt_len + 1
+    rest = mask.clone()
+    rest[rows, ps.prompt_len] = 0
+    rest[rows, opener] = 0
+    pref, _ = style_pairs(cfg.n_heldout, seed + 12, cfg.pref_tokens)
+    dev = cfg.model.device
+    return {"ids": ids.to(dev), "prompt": _prompt_mask(ids, ps.prompt_len).to(dev), "rest": rest.to(dev),
+            "opener": opener.to(dev), "label_pos": ps.prompt_len.to(dev), "pref": pref.to(dev), "seed": seed}
 
 
 @torch.no_grad()
 def evaluate(model, held: dict) -> dict:
-    """reward = mean P(correct label | review); NLLs of the SFT suffix and of the review text."""
-    logp = lm.token_logps(lm.logits(model, held["ids"]), held["ids"])  # (N, T)
-    rows = torch.arange(len(held["ids"]))
-    reward = logp[rows, held["label_pos"]].exp().mean()
+    """reward, sampled_reward; label accuracy; NLLs of the SFT suffix after the opener and of the
+    review text; held-out preference pairs' mean lw, ll and margin."""
+    ids = held["ids"]
+    logits = lm.logits(model, ids)
+    logp = lm.token_logps(logits, ids)  # (N, T)
+    rows = torch.arange(len(ids), device=ids.device)
+    at_opener = torch.softmax(logits[rows, held["opener"] - 1].double(), -1)  # (N, V)
+    preferred = data.Language().index[PREFERRED]
+    g = torch.Generator().manual_seed(held["seed"] + 13)
+    drawn = torch.multinomial(at_opener.cpu(), 1, generator=g).squeeze(1)
     nll = lambda m: float(-(logp * m).sum() / m.sum())  # noqa: E731
-    return {"reward": float(reward), "sft_nll": nll(held["suffix"]), "pretrain_nll": nll(held["prompt"])}
+    lw, ll = lm.pair_logps(model, held["pref"])
+    return {"reward": float(at_opener[:, preferred].mean()),
+            "sampled_reward": float((drawn == preferred).double().mean()),
+            "label_nll": float(-logp[rows, held["label_pos"]].mean()),
+            "sft_nll": nll(held["rest"]), "pretrain_nll": nll(held["prompt"]),
+            "lw": float(lw.mean()), "ll": float(ll.mean()), "margin": float((lw - ll).mean())}
 
 
-def stages(cfg: TaxConfig):
-    """theta_b after pretraining and the SFT model theta_r (a module), deterministic in the seed."""
+def stages(cfg: TaxConfig, seed: int):
+    """(SFT model theta_r as a module, theta_b state after pretraining, held-out data), deterministic in seed."""
     from gesim.transformer.train import sft
 
-    m = cfg.model
-    torch.manual_seed(m.seed)
+    m = dataclasses.replace(cfg.model, seed=seed, label_noise=cfg.sft_label_noise)
+    torch.manual_seed(seed)
     model = build_model(m, len(data.Language()))
-    held = _heldout(cfg)
-    ps = data.pairs(STRUCTURE, m.n_train, m.seed + 21)
+    ps = data.pairs(SFT_STRUCTURE, m.n_train, seed + 21)
     ids = ps.batch.chosen_ids.to(m.device)
-    prompt = (torch.arange(ids.shape[1])[None, :] < ps.prompt_len[:, None]).float().to(m.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=m.sft_lr)
-    g = torch.Generator().manual_seed(m.seed + 22)
+    prompt = _prompt_mask(ps.batch.chosen_ids, ps.prompt_len).to(m.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr)
+    g = torch.Generator().manual_seed(seed + 22)
     for _ in range(cfg.pretrain_steps):
-        rows = torch.randint(0, len(ids), (m.batch,), generator=g)
-        pm = prompt[rows].clone()
-        pm[:, 0] = 0
+        rows = torch.randint(0, len(ids), (m.batch,), generator=g).to(m.device)
+        pm = prompt[rows]
         nll = -(lm.token_logps(lm.logits(model, ids[rows]), ids[rows]) * pm).sum() / pm.sum()
         opt.zero_grad()
         nll.backward()
         opt.step()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    sft(model, m, STRUCTURE)
+    sft(model, m, SFT_STRUCTURE)
     model.eval()
-    return model, base, held
+    return model, base, heldout(cfg, seed)
 
 
-def _prefer(model, cfg: TaxConfig, held, opt) -> list[dict]:
-    """DPO from the current model (the reference); (step, reward, tax...) every record_every steps."""
+def train_pairs(cfg: TaxConfig, seed: int) -> lm.PairBatch:
+    return style_pairs(cfg.model.n_train, seed + 1, cfg.pref_tokens)[0].to(cfg.model.device)
+
+
+def prefer(model, cfg: TaxConfig, held: dict, opt, seed: int, loss: str = "dpo") -> list[dict]:
+    """DPO (``loss``) from the current model, which is also the reference; the evaluation at
+    step 0 and every ``record_every`` steps, each row {"step", **evaluate}."""
     m = cfg.model
-    train = data.pairs(STRUCTURE, m.n_train, m.seed + 1).batch.to(m.device)
+    train = train_pairs(cfg, seed)
     with torch.no_grad():
         ref_w, ref_l = lm.pair_logps(model, train)
     len_w, len_l = train.chosen_mask.sum(1), train.rejected_mask.sum(1)
-    objective = pair_objective("dpo", {})
-    g = torch.Generator().manual_seed(m.seed + 3)
+    objective = pair_objective(loss, {})
+    g = torch.Generator().manual_seed(seed + 3)
     path = [{"step": 0, **evaluate(model, held)}]
     for step in range(1, cfg.pref_steps + 1):
-        rows = torch.randint(0, len(train), (m.batch,), generator=g)
+        rows = torch.randint(0, len(train), (m.batch,), generator=g).to(m.device)
         sub = lm.PairBatch(*(t[rows] for t in (train.chosen_ids, train.rejected_ids, train.chosen_mask,
                                                  train.rejected_mask)))
         L = objective(model, sub, ref_w[rows], ref_l[rows], len_w[rows], len_l[rows])
         opt.zero_grad()
         L.backward()
         opt.step()
-        if step % cfg.record_every == 0:
+        if step % cfg.record_every == 0 or step == cfg.pref_steps:
             path.append({"step": step, **evaluate(model, held)})
     return path
 
 
-def _with_tax(points, start):
-    return [p | {"tax": p["sft_nll"] - start["sft_nll"], "pretrain_tax": p["pretrain_nll"] - start["pretrain_nll"]}
-            for p in points]
+@torch.no_grad()
+def sample(model, prompts: torch.Tensor, prompt_len: torch.Tensor, length: int, seed: int):
+    """Ancestral samples of ``length`` response tokens after each prompt (ids (N, T), lengths (N,)).
+
+    Returns (ids, response mask), right-padded; a response ends at its first <eos>."""
+    lang = data.Language()
+    N = len(prompts)
+    T = int(prompt_len.max()) + length
+    ids = torch.full((N, T), lang.pad_id, dtype=torch.long, device=prompts.device)
+    for i in range(N):
+        ids[i, : prompt_len[i]] = prompts[i, : prompt_len[i]]
+    pos, done = prompt_len.clone(), torch.zeros(N, dtype=torch.bool, device=prompts.device)
+    mask = torch.zeros(N, T, device=prompts.device)
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.arange(N, device=prompts.device)
+    for _ in range(length):
+        logits = lm.logits(model, ids)[rows, pos - 1]
+        tok = torch.multinomial(torch.softmax(logits.double(), -1).cpu(), 1, generator=g).squeeze(1).to(ids.device)
+        live = ~done
+        ids[rows[live], pos[live]] = tok[live]
+        mask[rows[live], pos[live]] = 1.0
+        done |= tok == lang.eos_id
+        pos = torch.where(live, pos + 1, pos)
+    return ids, mask
 
 
-def tax_study(cfg: TaxConfig | None = None, progress: bool = False) -> dict:
-    """Every method's (tax, reward) points: the data of the ``alignment_tax_pareto`` figure."""
-    import copy
-
-    cfg = cfg or TaxConfig.fast()
-    model, base, held = stages(cfg)
-    theta_r = {n: p.detach().clone() for n, p in model.named_parameters()}
-    start = evaluate(model, held)
-    runs = {}
-    aligned = copy.deepcopy(model)
-    runs["early_stopping"] = _prefer(aligned, cfg, held, torch.optim.AdamW(aligned.parameters(), lr=cfg.lr,
-                                                                           weight_decay=0.0))
-    theta = {n: p.detach().clone() for n, p in aligned.named_parameters()}
-    probe_model = copy.deepcopy(model)
-
-    def at(state):
-        return evaluate(lm.at_params(probe_model, state), held)
-
-    runs["model_averaging"] = [{"a": a, **at(averaging.average(theta_r, theta, a))} for a in cfg.ratios]
-    samples = data.pairs(STRUCTURE, 64, cfg.model.seed + 31).batch
-    with torch.no_grad():
-        lw, ll = lm.pair_logps(aligned, samples)
-    keep = lw > ll  # the aligned model's own high-reward samples: it ranks the correct label first
-    runs["hma"] = []
-    for a in cfg.hma_ratios:
-        fit = averaging.fit_hma(probe_model, theta_r, theta, samples.chosen_ids[keep], samples.chosen_mask[keep], a)
-        runs["hma"].append({"a": a, "ratios": fit["ratios"], **at(fit["state"])})
-    for method in ("dare", "ties"):
-        run_model = copy.deepcopy(model)
-        params = list(run_model.parameters())
-        names = [n for n, _ in run_model.named_parameters()]
-        opt = omo.OnlineMerging(params, [base[n] for n in names], [theta_r[n] for n in names], lr=cfg.lr,
-                                method=method, alpha=cfg.omo_alpha, p=cfg.omo_p, seed=cfg.model.seed)
-        runs[f"omo_{method}"] = _prefer(run_model, cfg, held, opt)
-    out = {name: _with_tax(points, start) for name, points in runs.items()}
-    out["start"] = start
-    out["config"] = dataclasses.asdict(cfg)
-    out["best_reward_at_tax"] = _compare(out)
-    return out
+def high_reward_samples(aligned, cfg: TaxConfig, seed: int):
+    """The aligned model's own samples on training reviews whose response opens with
+    :data:`PREFERRED` (reward 1; HMA's fitting data): ids and response masks."""
+    ps = data.pairs(SFT_STRUCTURE, cfg.n_samples, seed + 31)
+    prompts, plen = ps.batch.chosen_ids.to(cfg.model.device), ps.prompt_len.to(cfg.model.device)
+    ids, mask = sample(aligned, prompts, plen, data.SUFFIX[SFT_STRUCTURE] + 2, seed + 32)
+    keep = ids[torch.arange(len(ids), device=ids.device), plen + 1] == data.Language().index[PREFERRED]
+    if not keep.any():
+        raise GesimError(f"none of {len(ids)} samples of the aligned model opens with {PREFERRED!r}: "
+                         "nothing to fit HMA on (train longer or draw more samples, n_samples)")
+    return ids[keep], mask[keep]
 
 
-def _compare(out: dict, tax_cap: float | None = None) -> dict:
-    """Highest reward each method reaches with tax at most the AdamW end point's tax."""
-    cap = out["early_stopping"][-1]["tax"] if tax_cap is None else tax_cap
-    best = {}
-    for name in ("early_stopping", "model_averaging", "hma", "omo_dare", "omo_ties"):
-        ok = [p["reward"] for p in out[name] if p["tax"] <= cap + 1e-12]
-        best[name] = float(np.max(ok)) if ok else None
-    return {"tax_cap": cap, "best_reward": best}
