@@ -69,9 +69,14 @@ def transformer_suffix_sweep(ctx):
     for ax, title in zip(axes, titles):
         ax.set_xscale("log")
         if ax in (axes[3], axes[4]):
-            ax.set_yscale("symlog", linthresh=0.05)
+            ax.set_yscale("symlog", linthresh=0.01, linscale=0.5)
+            lo, hi = ax.get_ylim()
+            ticks = [t for t in (-10, -1, -0.1, -0.01, 0, 0.01, 0.1, 1, 10) if lo <= t <= hi]
+            ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
         if ax in (axes[1], axes[2]):
-            ax.set_ylim(-0.1, 1.1)  # fractions; a t interval may reach past [0, 1] and is clipped here
+            ax.set_ylim(-0.05, 1.05)  # fractions; a t interval may reach past [0, 1] and is clipped here
+        if ax is axes[0]:
+            ax.set_ylim(-1.1, 1.1)  # a cosine; a t interval of 3 seeds may reach past [-1, 1] and is clipped here
         ax.set_xticks(np.array(lengths(ctx)) + 0.5, [str(v) for v in lengths(ctx)])
         ax.minorticks_off()
         ax.set_xlabel("shared suffix length $L$ (tokens)")
@@ -79,8 +84,10 @@ def transformer_suffix_sweep(ctx):
         ax.axhline(0, color="0.7", lw=0.8)
         ax.legend(fontsize=6)
     table = experiment.claims_table(sweep=rows)
-    held = "; ".join(f"{c['claim'].split(': ', 1)[1]} {c['holds']}" for c in table if "(adamw)" in c["claim"])
-    fig.suptitle(f"Suffix sweep, {len(seeds(ctx))} seeds, AdamW: {held}", fontsize=8)
+    held = [f"{c['claim'].split(': ', 1)[1]} {c['holds']}" for c in table if "(adamw)" in c["claim"]]
+    half = (len(held) + 1) // 2
+    fig.suptitle(f"Suffix sweep, {len(seeds(ctx))} seeds, AdamW: " + "; ".join(held[:half]) + ";\n"
+                 + "; ".join(held[half:]), fontsize=9)
     fig.tight_layout()
     return fig, {"config": dataclasses.asdict(cfg), "settings": settings, "seeds": list(seeds(ctx)),
                  "lengths": list(lengths(ctx)), "aggregate": agg, "claims": table, "per_seed": rows,
