@@ -14,7 +14,10 @@ normalisation, calibration: :mod:`gesim.methods`) returns the weights it used as
     delta_lw = eta (d_w <g_w, P g_w> - d_l <g_w, P g_l>) + <g_w, rest>,
 
 so the P-weighted ip, nw2, nl2 replace the plain ones. Mitigations add rules by registering
-a class in :data:`RULES` with ``step(g_w, g_l, d_w, d_l) -> Update``.
+a class in :data:`RULES` with ``step(g_w, g_l, d_w, d_l) -> Update``. A rule in the SGD family
+(u = eta (a g_w - b g_l), no preconditioner, no rest) may also define ``weights(d_w, d_l, ip, nw2,
+nl2) -> (a, b)`` from the plain geometry: the engine then runs it in logit space
+(:mod:`gesim.simulate.logit`), without forming g_w, g_l or W.
 
 Shapes: g_w, g_l (N, V, d); d_w, d_l (N,).
 """
@@ -58,6 +61,10 @@ class SGD:
 
     def step(self, g_w, g_l, d_w, d_l) -> Update:
         return Update(direction(g_w, g_l, d_w, d_l).mul_(self.eta))
+
+    def weights(self, d_w, d_l, ip, nw2, nl2):
+        """(a, b) of u = eta (a g_w - b g_l): the loss's own weights (the logit-space protocol)."""
+        return d_w, d_l
 
 
 class Adam:
@@ -104,15 +111,13 @@ def make(name: str, eta: float):
 def geometry(g_w, g_l, precond=None):
     """P-weighted ip, nw2, nl2, each (N,), summed over every parameter axis.
 
-    The torch twin of :func:`gesim.dynamics.geometry` for (N, V, d) gradients, as batched
-    row-times-column products of the flattened gradients (no temporaries of size (N, P)
-    without a preconditioner).
+    The torch twin of :func:`gesim.dynamics.geometry` for (N, V, d) gradients, as one stacked
+    (2 x P)(P x 2) Gram per instance: G = X X^T with X = [sqrt(P) g_w; sqrt(P) g_l], so that
+    G_01 = <g_w, P g_l> = ip, G_00 = nw2, G_11 = nl2 (P > 0 elementwise; one pass over the data
+    instead of three degenerate (1 x P)(P x 1) products).
     """
-    a, b = g_w.flatten(1), g_l.flatten(1)  # (N, P)
-    pa = a if precond is None else a * precond.flatten(1)
-    pb = b if precond is None else b * precond.flatten(1)
-
-    def dot(x, y):
-        return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).reshape(-1)  # (N,)
-
-    return dot(pa, b), dot(pa, a), dot(pb, b)
+    X = torch.stack([g_w.flatten(1), g_l.flatten(1)], 1)  # (N, 2, P)
+    if precond is not None:
+        X.mul_(precond.flatten(1).sqrt().unsqueeze(1))
+    G = torch.bmm(X, X.transpose(1, 2))  # (N, 2, 2)
+    return G[:, 0, 1].contiguous(), G[:, 0, 0].contiguous(), G[:, 1, 1].contiguous()

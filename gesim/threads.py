@@ -1,0 +1,138 @@
+"""How many CPU threads gesim's work gets: one per worker, never more than the machine allows.
+
+gesim's models are tiny (a 4-layer d-128 Transformer, linear-softmax policies): torch's default
+of one OpenMP thread per core costs more in synchronisation than it gains, and on a busy
+machine every parallel region waits for the slowest core. Measured on a 2-core CPU (issue 17):
+a small-GPT step was 8x slower with 2 threads than with 1 next to one busy process, and the
+figure runner took 68-71 min with 2 threads against 7.5 min with 1. So the policy is
+
+* torch runs **one intra-op thread** (:func:`configure`, called once by every entry point:
+  the command line, the figure runner, the tests, the notebooks);
+* parallel work is split into independent **single-threaded workers**
+  (:func:`workers`, used by the simulator), as many as the CPUs this process may use;
+* the user decides when they say so: ``GESIM_THREADS`` (gesim's own setting), else
+  ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` (torch's), sets both the torch threads and the
+  workers.
+
+"The CPUs this process may use" is the smaller of the affinity mask (``os.sched_getaffinity``)
+and the cgroup CPU quota (``cpu.max`` in cgroup v2, ``cpu.cfs_quota_us / cpu.cfs_period_us`` in
+v1), rounded up. Numbers never depend on the count: each worker's work is fixed in advance.
+This module does not import torch until a function needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+from pathlib import Path
+
+from gesim.errors import GesimError
+
+#: Environment variables that set the thread count, first match wins.
+ENV = ("GESIM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def env_threads(environ=None) -> int | None:
+    """The thread count the environment asks for (:data:`ENV`), or None."""
+    environ = os.environ if environ is None else environ
+    for name in ENV:
+        value = environ.get(name, "").strip()
+        if value:
+            try:
+                n = int(value.split(",")[0])
+            except ValueError:
+                raise GesimError(f"{name} must be a positive integer, got {value!r}") from None
+            if n < 1:
+                raise GesimError(f"{name} must be a positive integer, got {value!r}")
+            return n
+    return None
+
+
+def cpu_quota(root: Path = CGROUP) -> float | None:
+    """CPUs allowed by the cgroup quota (e.g. 1.5), or None when unlimited or unreadable."""
+    try:
+        text = (root / "cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1] if len(text) > 1 else 100_000)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # cgroup v1
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        if quota > 0 and period > 0:
+            return quota / period
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def available_cpus(root: Path = CGROUP) -> int:
+    """CPUs this process may use: min(affinity mask, ceil(cgroup quota)), at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    quota = cpu_quota(root)
+    if quota is not None:
+        n = min(n, math.ceil(quota))
+    return max(1, n)
+
+
+def torch_threads(environ=None) -> int:
+    """Intra-op threads for torch: the environment's count, else 1 (tiny models)."""
+    n = env_threads(environ)
+    return 1 if n is None else n
+
+
+def workers(tasks: int | None = None, environ=None, root: Path = CGROUP) -> int:
+    """Parallel single-threaded workers for ``tasks`` independent pieces of work.
+
+    The environment's count (:data:`ENV`) if set, else :func:`available_cpus`; never more than
+    ``tasks``; at least 1.
+    """
+    n = env_threads(environ) or available_cpus(root)
+    if tasks is not None:
+        n = min(n, int(tasks))
+    return max(1, n)
+
+
+def set_torch_threads(n: int) -> None:
+    """torch.set_num_threads(n) for the calling thread (a worker's initializer)."""
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def configure(environ=None) -> int:
+    """Entry points call this once: torch gets :func:`torch_threads` intra-op threads.
+
+    Before torch is first imported it also defaults ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP
+    threads sleep instead of spinning on a shared core; the user's setting wins). Returns the
+    thread count. Torch is imported only if it is installed.
+    """
+    environ = os.environ if environ is None else environ
+    n = torch_threads(environ)
+    if "torch" not in sys.modules:
+        environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        set_torch_threads(n)
+    except ImportError:
+        pass
+    return n
+
+
+@contextlib.contextmanager
+def single():
+    """Run the block with one torch thread in the calling thread, then restore the count."""
+    import torch
+
+    before = torch.get_num_threads()
+    set_torch_threads(1)
+    try:
+        yield
+    finally:
+        set_torch_threads(before)
