@@ -35,10 +35,19 @@ ENV = ("GESIM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 CGROUP = Path("/sys/fs/cgroup")
 
 
+#: Set by :func:`configure` when it (not the user) wrote OMP_NUM_THREADS / MKL_NUM_THREADS.
+AUTO = "GESIM_THREADS_AUTO"
+
+
 def env_threads(environ=None) -> int | None:
-    """The thread count the environment asks for (:data:`ENV`), or None."""
+    """The thread count the user's environment asks for (:data:`ENV`), or None.
+
+    OMP_NUM_THREADS / MKL_NUM_THREADS written by :func:`configure` (marked by :data:`AUTO`)
+    are not the user's and do not count."""
     environ = os.environ if environ is None else environ
     for name in ENV:
+        if name != "GESIM_THREADS" and environ.get(AUTO):
+            continue
         value = environ.get(name, "").strip()
         if value:
             try:
@@ -108,20 +117,23 @@ def set_torch_threads(n: int) -> None:
 
 
 def configure(environ=None) -> int:
-    """Entry points call this once: torch gets :func:`torch_threads` intra-op threads.
+    """Entry points call this once, first: torch gets :func:`torch_threads` intra-op threads.
 
-    Before torch is first imported it also defaults ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP
-    threads sleep instead of spinning on a shared core; the user's setting wins). Returns the
-    thread count. Torch is imported only if it is installed.
+    If torch is already imported its count is set now; otherwise, unless the user chose a
+    count, OMP_NUM_THREADS and MKL_NUM_THREADS are written (torch reads them when first
+    imported, and child processes inherit them), marked with :data:`AUTO` so that
+    :func:`workers` still sees the CPUs. ``OMP_WAIT_POLICY`` defaults to PASSIVE (idle OpenMP
+    threads sleep instead of spinning on a shared core). Torch is never imported here.
+    Returns the thread count.
     """
     environ = os.environ if environ is None else environ
-    n = torch_threads(environ)
-    if "torch" not in sys.modules:
-        environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
+    user = env_threads(environ)
+    n = 1 if user is None else user
+    if user is None:
+        environ.update({"OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), AUTO: "1"})
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "torch" in sys.modules:
         set_torch_threads(n)
-    except ImportError:
-        pass
     return n
 
 

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from gesim import threads
 from gesim.errors import GesimError
 
 #: Command modules, in the order ``--help`` lists them.
@@ -46,6 +47,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        threads.configure()  # one torch thread per worker: gesim's models are tiny (issue 17)
         return args.func(args) or 0
     except GesimError as err:
         print(f"gesim {args.command}: error: {err}", file=sys.stderr)

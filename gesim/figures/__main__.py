@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from gesim import figures
+from gesim import figures, threads
 from gesim.errors import GesimError
 from gesim.output import write_json
 
@@ -73,6 +73,7 @@ def run_one(fig: figures.Figure, args, device: str) -> float:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        threads.configure()  # one torch thread per worker: the figures' models are tiny (issue 17)
         chosen = figures.select(args.only)
         if args.list:
             width = max(len(f.name) for f in chosen)
