@@ -160,13 +160,29 @@ def test_cli_simulate_bad_input_is_one_line(capsys):
     ("single_token", "cpo", dict(differ=1))])
 def test_logit_space_engine_equals_weight_space_engine_and_loop(policy, loss, shape):
     """The logit-space update Delta Z = eta (a K_w C_w - b K_l C_l) is the weight-space step exactly."""
-    cfg = SimConfig(policy=policy, loss=loss, instances=7, chunk=5, steps=4, vocab=24, dim=8, eta=0.3, **shape)
+    cfg = SimConfig(policy=policy, loss=loss, instances=14, chunk=11, steps=4, vocab=24, dim=8, eta=0.3, **shape)
     fast = simulate(cfg, engine="logit").arrays
     slow = simulate(cfg, engine="weights").arrays
     plain = simulate_loop(cfg).arrays
     for key in FIELDS:
         np.testing.assert_allclose(fast[key], slow[key], rtol=1e-9, atol=1e-12, err_msg=key)
         np.testing.assert_allclose(fast[key], plain[key], rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+def test_fused_tiles_equal_the_unfused_step(monkeypatch):
+    """SGD's weights ignore the geometry, so GEMM, geometry and update run tile by tile; a rule
+    without that promise takes the whole-block path: same numbers."""
+    from gesim.simulate import logit, optim
+
+    cfg = dataclasses.replace(SMALL, instances=30, chunk=30, steps=3, suffix=5)
+    fused = simulate(cfg).arrays
+    monkeypatch.setattr(logit, "TILE", 7)  # ragged tiles
+    ragged = simulate(cfg).arrays
+    monkeypatch.setattr(optim.SGD, "geometry_free", False)
+    whole = simulate(cfg).arrays
+    for key in FIELDS:
+        np.testing.assert_allclose(fused[key], whole[key], rtol=1e-12, atol=1e-14, err_msg=key)
+        np.testing.assert_allclose(ragged[key], whole[key], rtol=1e-12, atol=1e-14, err_msg=key)
 
 
 def test_float32_logit_engine_keeps_the_regimes_of_the_weight_space_engine():

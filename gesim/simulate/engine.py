@@ -190,9 +190,10 @@ def run_chunk(cfg: SimConfig, pol, inst, pairs, bar=None, engine: str = "auto") 
 
 
 ENGINES = ("auto", "logit", "weights")
-#: Bytes of logits per block of the logit path (n x 2T x V): the block's four arrays of that
-#: size stay in cache (8 MiB), and per-step Python overhead stays small against the work.
-BLOCK_BYTES = 2**21
+#: Bytes of logits per block of the logit path (n x 2T x V): per-step Python overhead (loss
+#: weights, a dozen torch calls) is paid once per block; the GEMM, geometry and update run in
+#: L2-sized tiles inside it (:data:`gesim.simulate.logit.TILE`).
+BLOCK_BYTES = 2**23
 
 
 def block_size(cfg: SimConfig, path: str = "logit") -> int:

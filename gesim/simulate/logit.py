@@ -20,6 +20,8 @@ each plus passes over V x d. :func:`floor` counts the cheapest exact update per 
 
 Rules enter through ``weights(d_w, d_l, ip, nw2, nl2) -> (a, b)`` (plain geometry, P = 1);
 a rule without it (Adam: a diagonal preconditioner acts in weight space) runs in weight space.
+A rule whose weights ignore the geometry (``geometry_free``, e.g. SGD) lets the GEMM, the three
+dots and the update run tile by tile (:data:`TILE` instances) while B is still in cache.
 """
 
 from __future__ import annotations
@@ -124,14 +126,12 @@ def run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar=None, s
         # [K_{:,w}; K_{:,l}] per instance, as 2n matrices (R, T): one batched GEMM gives B_w and B_l
         Kb = (K.unsqueeze(1).expand(n, 2, T, T) if shared else K.view(n, R, 2, T).permute(0, 2, 1, 3))
         Kb = Kb.reshape(2 * n, R, T)
-    Cv, Bv = C.view(2 * n, T, V), B.view(2 * n, R, V)
-    Zrow, Brow = Z.view(n, 1, -1), B.view(n, 2, -1)
-    Cw, Cl = C[:, 0].reshape(n, -1), C[:, 1].reshape(n, -1)  # views
-    Bww, Bwl, Bll = B[:, 0, :T].reshape(n, -1), B[:, 1, :T].reshape(n, -1), B[:, 1, R - T:].reshape(n, -1)
     coef, step = torch.tensor([-cfg.eta, cfg.eta], dtype=dt), torch.empty(n, 2, dtype=dt)  # C' = -C
     logp = torch.empty(S + 1, 2, n, dtype=dt)  # lw, ll before every step and after the last
     pmin = torch.full((S + 1,), math.nan, dtype=dt)
     geo = torch.empty(S, 5, n, dtype=dt)  # ip, nw2, nl2 and the rule's weights a, b
+    fused = bool(getattr(rule, "geometry_free", False)) and Kb is not None and n > TILE
+    tiles = _tiles(n, TILE if fused else n, T, R, V, Z, C, B[:TILE] if fused else B, Kb, step)
     deriv, params = symbolic.derive(cfg.loss), losses.get(cfg.loss).params(**cfg.params)
     dd = np.empty((S, 2, n))  # the loss's d_w, d_l
     _stats(Z, P, C, Y, M, negM, logp[0], pmin[0], safe)
@@ -142,19 +142,30 @@ def run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar=None, s
         if not safe and not (np.isfinite(lw).all() and np.isfinite(ll).all()):
             break  # some p_y underflowed to 0: rerun below
         dd[k, 0], dd[k, 1] = deriv.weights(lw, ll, lw_ref, ll_ref, len_w, len_l, **params)
-        if Kb is not None:
-            torch.bmm(Kb, Cv, out=Bv)
         g = geo[k]
-        torch.linalg.vecdot(Cw, Bwl, out=g[0])
-        torch.linalg.vecdot(Cw, Bww, out=g[1])
-        torch.linalg.vecdot(Cl, Bll, out=g[2])
         g[3:].copy_(torch.from_numpy(dd[k]))
-        a, b = rule.weights(g[3], g[4], g[0], g[1], g[2])
-        if not (a is g[3] and b is g[4]):
-            own = False
-            g[3], g[4] = a, b
-        torch.mul(g[3:].T, coef, out=step)  # (n, 2): -eta a, eta b
-        Zrow.baddbmm_(step.unsqueeze(1), Brow)  # Z += eta (a B_w - b B_l) = -eta (a B'_w - b B'_l)
+        if fused:  # weights first, then GEMM, geometry and update tile by tile while B is in cache
+            a, b = rule.weights(g[3], g[4], None, None, None)
+            if not (a is g[3] and b is g[4]):
+                own = False
+                g[3], g[4] = a, b
+            torch.mul(g[3:].T, coef, out=step)
+        for sl, Kt, Ct, Bt, Cw, Cl, Bww, Bwl, Bll, Zrow, Brow, st in tiles:
+            if Kt is not None:
+                torch.bmm(Kt, Ct, out=Bt)
+            torch.linalg.vecdot(Cw, Bwl, out=g[0, sl])
+            torch.linalg.vecdot(Cw, Bww, out=g[1, sl])
+            torch.linalg.vecdot(Cl, Bll, out=g[2, sl])
+            if fused:
+                Zrow.baddbmm_(st, Brow)
+        if not fused:
+            a, b = rule.weights(g[3], g[4], g[0], g[1], g[2])
+            if not (a is g[3] and b is g[4]):
+                own = False
+                g[3], g[4] = a, b
+            torch.mul(g[3:].T, coef, out=step)  # (n, 2): -eta a, eta b
+            Zrow, Brow, st = tiles[0][-3:]
+            Zrow.baddbmm_(st, Brow)  # Z += eta (a B_w - b B_l) = -eta (a B'_w - b B'_l)
         _stats(Z, P, C, Y, M, negM, logp[k + 1], pmin[k + 1], safe)
         done = k + 1
         if bar is not None:
@@ -165,6 +176,25 @@ def run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar=None, s
         rule = optim.make(cfg.optimizer, cfg.eta)  # fresh: rules may keep state
         return run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar, safe=True)
     return _record(cfg, logp.double().numpy(), geo.double().numpy(), dd[:, 0], dd[:, 1], own)
+
+
+#: Instances per tile when the GEMM, the geometry and the update are fused (rules whose weights
+#: ignore the geometry): the tile's B (2 x 2T x V per instance) stays in L2.
+TILE = 8
+
+
+def _tiles(n, size, T, R, V, Z, C, B, Kb, step):
+    """Per tile of ``size`` instances: the views the fused step needs (B is reused per tile)."""
+    out = []
+    for i in range(0, n, size):
+        sl = slice(i, min(i + size, n))
+        m = sl.stop - i
+        Ct, Bt = C[sl], B[:m]
+        out.append((sl, None if Kb is None else Kb[2 * i:2 * sl.stop], Ct.view(2 * m, T, V), Bt.view(2 * m, R, V),
+                    Ct[:, 0].reshape(m, -1), Ct[:, 1].reshape(m, -1), Bt[:, 0, :T].reshape(m, -1),
+                    Bt[:, 1, :T].reshape(m, -1), Bt[:, 1, R - T:].reshape(m, -1), Z[sl].view(m, 1, -1),
+                    Bt.view(m, 2, -1), step[sl].unsqueeze(1)))
+    return out
 
 
 def _record(cfg, logp, geo, d_w, d_l, own) -> dict:

@@ -62,6 +62,9 @@ class SGD:
     def step(self, g_w, g_l, d_w, d_l) -> Update:
         return Update(direction(g_w, g_l, d_w, d_l).mul_(self.eta))
 
+    #: weights() ignores ip, nw2, nl2: the engine may fuse GEMM, geometry and update per tile
+    geometry_free = True
+
     def weights(self, d_w, d_l, ip, nw2, nl2):
         """(a, b) of u = eta (a g_w - b g_l): the loss's own weights (the logit-space protocol)."""
         return d_w, d_l
