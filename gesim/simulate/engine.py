@@ -11,8 +11,11 @@ the engine records (theory.md sections 2-3):
   delta_ll = eta (d_w ip - d_l nl2) + <g_l, rest> (:func:`gesim.regimes.first_order`);
 * the realised changes (log-probs recomputed after the step) and both regimes.
 
-Gradients are the closed forms of :mod:`gesim.policies.linear`, batched in torch over
-instances (in chunks of ``chunk`` to bound memory). :func:`simulate_loop` is the plain
+Two exact paths, batched in torch over instances: SGD-family rules run in logit space
+(:mod:`gesim.simulate.logit`: no W, no gradients formed), any other rule (Adam) in weight
+space with the closed-form gradients of :mod:`gesim.policies.linear`. Data come in chunks of
+``chunk`` instances (deterministic in (seed, start)); the work runs in blocks on parallel
+single-threaded workers (:mod:`gesim.threads`). :func:`simulate_loop` is the plain
 per-instance reference (torch autograd, the registry's torch loss), used by the tests and
 the benchmark.
 """
