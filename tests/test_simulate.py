@@ -175,8 +175,10 @@ def test_fused_tiles_equal_the_unfused_step(monkeypatch):
     from gesim.simulate import logit, optim
 
     cfg = dataclasses.replace(SMALL, instances=30, chunk=30, steps=3, suffix=5)
+    per_instance = 2 * 12 * 24 * 8  # B holds 2 x R x V float64 per instance, R = 2T = 12
+    monkeypatch.setattr(logit, "TILE_BYTES", 10 * per_instance)  # three tiles of 10
     fused = simulate(cfg).arrays
-    monkeypatch.setattr(logit, "TILE", 7)  # ragged tiles
+    monkeypatch.setattr(logit, "TILE_BYTES", 7 * per_instance)  # tiles of 7: the last one ragged
     ragged = simulate(cfg).arrays
     monkeypatch.setattr(optim.SGD, "geometry_free", False)
     whole = simulate(cfg).arrays

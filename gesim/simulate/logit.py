@@ -21,7 +21,7 @@ each plus passes over V x d. :func:`floor` counts the cheapest exact update per 
 Rules enter through ``weights(d_w, d_l, ip, nw2, nl2) -> (a, b)`` (plain geometry, P = 1);
 a rule without it (Adam: a diagonal preconditioner acts in weight space) runs in weight space.
 A rule whose weights ignore the geometry (``geometry_free``, e.g. SGD) lets the GEMM, the three
-dots and the update run tile by tile (:data:`TILE` instances) while B is still in cache.
+dots and the update run tile by tile (:data:`TILE_BYTES` of B) while B is still in cache.
 """
 
 from __future__ import annotations
@@ -130,8 +130,9 @@ def run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar=None, s
     logp = torch.empty(S + 1, 2, n, dtype=dt)  # lw, ll before every step and after the last
     pmin = torch.full((S + 1,), math.nan, dtype=dt)
     geo = torch.empty(S, 5, n, dtype=dt)  # ip, nw2, nl2 and the rule's weights a, b
-    fused = bool(getattr(rule, "geometry_free", False)) and Kb is not None and n > TILE
-    tiles = _tiles(n, TILE if fused else n, T, R, V, Z, C, B[:TILE] if fused else B, Kb, step)
+    tile = max(1, TILE_BYTES // (2 * R * V * B.element_size()))
+    fused = bool(getattr(rule, "geometry_free", False)) and Kb is not None and n > tile
+    tiles = _tiles(n, tile if fused else n, T, R, V, Z, C, B[:tile] if fused else B, Kb, step)
     deriv, params = symbolic.derive(cfg.loss), losses.get(cfg.loss).params(**cfg.params)
     dd = np.empty((S, 2, n))  # the loss's d_w, d_l
     _stats(Z, P, C, Y, M, negM, logp[0], pmin[0], safe)
@@ -152,7 +153,7 @@ def run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar=None, s
             torch.mul(g[3:].T, coef, out=step)
         for sl, Kt, Ct, Bt, Cw, Cl, Bww, Bwl, Bll, Zrow, Brow, st in tiles:
             if Kt is not None:
-                torch.bmm(Kt, Ct, out=Bt)
+                (torch.mul if T == 1 else torch.bmm)(Kt, Ct, out=Bt)  # T = 1: K is a scalar
             torch.linalg.vecdot(Cw, Bwl, out=g[0, sl])
             torch.linalg.vecdot(Cw, Bww, out=g[1, sl])
             torch.linalg.vecdot(Cl, Bll, out=g[2, sl])
@@ -178,9 +179,9 @@ def run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar=None, s
     return _record(cfg, logp.double().numpy(), geo.double().numpy(), dd[:, 0], dd[:, 1], own)
 
 
-#: Instances per tile when the GEMM, the geometry and the update are fused (rules whose weights
-#: ignore the geometry): the tile's B (2 x 2T x V per instance) stays in L2.
-TILE = 8
+#: Bytes of B (2 x R x V per instance) per tile when the GEMM, the geometry and the update are
+#: fused (rules whose weights ignore the geometry): an L2 cache's worth.
+TILE_BYTES = 2**20
 
 
 def _tiles(n, size, T, R, V, Z, C, B, Kb, step):
