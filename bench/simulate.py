@@ -182,11 +182,14 @@ def big_check(cfg, arrays, check) -> dict:
 
 def big_run(n, steps, check) -> dict:
     cfg = dataclasses.replace(BASE, instances=n, steps=steps, dtype="float32")
-    t0 = time.perf_counter()
+    load = os.getloadavg()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = simulate(cfg, progress=True)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = {"config": dataclasses.asdict(cfg), "seconds": wall, "instance_steps_per_s": n * steps / wall,
-           "workers": threads.workers(), "summary": res.summary()}
+           # CPU seconds of all workers together: / workers = the wall time if they had their cores
+           "cpu_seconds": cpu, "workers": threads.workers(), "load_average_before": load,
+           "load_average_after": os.getloadavg(), "summary": res.summary()}
     if check:
         out["check"] = big_check(cfg, res.arrays, check)
     print(f"big {n} x {steps} (float32, {out['workers']} workers): {wall:.1f} s", flush=True)
