@@ -60,22 +60,45 @@ def env_threads(environ=None) -> int | None:
     return None
 
 
-def cpu_quota(root: Path = CGROUP) -> float | None:
-    """CPUs allowed by the cgroup quota (e.g. 1.5), or None when unlimited or unreadable."""
+def _own_paths(proc: Path) -> dict[str, str]:
+    """This process's cgroup paths from /proc/self/cgroup: {"v2": path, "cpu": path (v1)}."""
+    out = {}
     try:
-        text = (root / "cpu.max").read_text().split()
-        if text and text[0] != "max":
-            return int(text[0]) / int(text[1] if len(text) > 1 else 100_000)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:  # cgroup v1
-        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
-        if quota > 0 and period > 0:
-            return quota / period
+        for line in proc.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                out["v2"] = path.lstrip("/")
+            elif "cpu" in controllers.split(","):
+                out["cpu"] = path.lstrip("/")
     except (OSError, ValueError):
         pass
-    return None
+    return out
+
+
+def _read_quota(path: Path, period_path: Path | None = None) -> float | None:
+    try:
+        if period_path is None:  # v2: "quota period" or "max period"
+            text = path.read_text().split()
+            return None if text[0] == "max" else int(text[0]) / int(text[1] if len(text) > 1 else 100_000)
+        quota, period = int(path.read_text()), int(period_path.read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_quota(root: Path = CGROUP, proc: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup quota (e.g. 1.5), or None when unlimited or unreadable.
+
+    Reads cgroup v2 ``cpu.max`` and v1 ``cpu.cfs_quota_us / cpu.cfs_period_us``, at the root of
+    the mount and at this process's own cgroup; the tightest quota wins."""
+    own = _own_paths(proc)
+    found = []
+    for base in {root, root / own.get("v2", ""), root / "unified" / own.get("v2", "")}:
+        found.append(_read_quota(base / "cpu.max"))
+    for base in {root / "cpu", root / "cpu" / own.get("cpu", "")}:
+        found.append(_read_quota(base / "cpu.cfs_quota_us", base / "cpu.cfs_period_us"))
+    found = [q for q in found if q is not None]
+    return min(found) if found else None
 
 
 def available_cpus(root: Path = CGROUP) -> int:

@@ -29,6 +29,22 @@ def test_cgroup_v1_quota_is_read(tmp_path):
     assert threads.cpu_quota(tmp_path) is None
 
 
+def test_the_process_own_cgroup_quota_is_read(tmp_path):
+    """A quota set on this process's cgroup (from /proc/self/cgroup), not at the mount's root."""
+    (tmp_path / "box" / "job").mkdir(parents=True)
+    (tmp_path / "box" / "job" / "cpu.max").write_text("120000 100000\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/box/job\n")
+    assert threads.cpu_quota(tmp_path, proc) == 1.2
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # unlimited at the root: the own quota still wins
+    assert threads.cpu_quota(tmp_path, proc) == 1.2
+    (tmp_path / "cpu" / "grp").mkdir(parents=True)  # v1, hybrid hierarchy
+    (tmp_path / "cpu" / "grp" / "cpu.cfs_quota_us").write_text("80000\n")
+    (tmp_path / "cpu" / "grp" / "cpu.cfs_period_us").write_text("100000\n")
+    proc.write_text("1:cpu,cpuacct:/grp\n0::/\n")
+    assert threads.cpu_quota(tmp_path, proc) == 0.8
+
+
 def test_available_cpus_is_the_smaller_of_affinity_and_rounded_up_quota(tmp_path):
     affinity = len(os.sched_getaffinity(0))
     assert threads.available_cpus(_cgroup(tmp_path, "max 100000")) == affinity
