@@ -114,13 +114,15 @@ def make(name: str, eta: float):
 def geometry(g_w, g_l, precond=None):
     """P-weighted ip, nw2, nl2, each (N,), summed over every parameter axis.
 
-    The torch twin of :func:`gesim.dynamics.geometry` for (N, V, d) gradients, as one stacked
-    (2 x P)(P x 2) Gram per instance: G = X X^T with X = [sqrt(P) g_w; sqrt(P) g_l], so that
-    G_01 = <g_w, P g_l> = ip, G_00 = nw2, G_11 = nl2 (P > 0 elementwise; one pass over the data
-    instead of three degenerate (1 x P)(P x 1) products).
+    The torch twin of :func:`gesim.dynamics.geometry` for (N, V, d) gradients, as batched
+    row-times-column products of the flattened gradients (no temporaries of size (N, P)
+    without a preconditioner).
     """
-    X = torch.stack([g_w.flatten(1), g_l.flatten(1)], 1)  # (N, 2, P)
-    if precond is not None:
-        X.mul_(precond.flatten(1).sqrt().unsqueeze(1))
-    G = torch.bmm(X, X.transpose(1, 2))  # (N, 2, 2)
-    return G[:, 0, 1].contiguous(), G[:, 0, 0].contiguous(), G[:, 1, 1].contiguous()
+    a, b = g_w.flatten(1), g_l.flatten(1)  # (N, P)
+    pa = a if precond is None else a * precond.flatten(1)
+    pb = b if precond is None else b * precond.flatten(1)
+
+    def dot(x, y):
+        return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).reshape(-1)  # (N,)
+
+    return dot(pa, b), dot(pa, a), dot(pb, b)
