@@ -39,6 +39,11 @@ class Spread:
     def as_dict(self) -> dict:
         return asdict(self) | {"values": list(self.values)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Spread:
+        """The inverse of :meth:`as_dict` (e.g. a spread read back from a figure's JSON)."""
+        return cls(d["mean"], d["lo"], d["hi"], d["n"], tuple(d["values"]))
+
     def __str__(self) -> str:
         if self.n < 2:
             return f"{self.mean:+.3g}"

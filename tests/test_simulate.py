@@ -147,3 +147,99 @@ def test_cli_simulate_bad_input_is_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown loss 'dpo_x'" in err and "simpo" in err
     assert main(["simulate", "--policy", "single_token", "--suffix", "2"]) == 2
+
+
+# ---- the logit-space engine (issue 17): fast = weight space = plain loop ----------------------------
+
+@pytest.mark.parametrize("policy, loss, shape", [
+    ("context", "dpo", dict(prefix=2, differ=1, suffix=5)),
+    ("context", "simpo", dict(differ_w=1, differ_l=3, suffix=4, tail_w=2)),
+    ("context", "ipo", dict(differ=2, suffix=0)),
+    ("free_logits", "dpo", dict(prefix=1, differ=2, suffix=3)),
+    ("free_logits", "simpo", dict(differ_w=2, differ_l=1, suffix=2)),
+    ("single_token", "cpo", dict(differ=1))])
+def test_logit_space_engine_equals_weight_space_engine_and_loop(policy, loss, shape):
+    """The logit-space update Delta Z = eta (a K_w C_w - b K_l C_l) is the weight-space step exactly."""
+    cfg = SimConfig(policy=policy, loss=loss, instances=14, chunk=11, steps=4, vocab=24, dim=8, eta=0.3, **shape)
+    fast = simulate(cfg, engine="logit").arrays
+    slow = simulate(cfg, engine="weights").arrays
+    plain = simulate_loop(cfg).arrays
+    for key in FIELDS:
+        np.testing.assert_allclose(fast[key], slow[key], rtol=1e-9, atol=1e-12, err_msg=key)
+        np.testing.assert_allclose(fast[key], plain[key], rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+def test_fused_tiles_equal_the_unfused_step(monkeypatch):
+    """SGD's weights ignore the geometry, so GEMM, geometry and update run tile by tile; a rule
+    without that promise takes the whole-block path: same numbers."""
+    from gesim.simulate import logit, optim
+
+    cfg = dataclasses.replace(SMALL, instances=30, chunk=30, steps=3, suffix=5)
+    per_instance = 2 * 12 * 24 * 8  # B holds 2 x R x V float64 per instance, R = 2T = 12
+    monkeypatch.setattr(logit, "TILE_BYTES", 10 * per_instance)  # three tiles of 10
+    fused = simulate(cfg).arrays
+    monkeypatch.setattr(logit, "TILE_BYTES", 7 * per_instance)  # tiles of 7: the last one ragged
+    ragged = simulate(cfg).arrays
+    monkeypatch.setattr(optim.SGD, "geometry_free", False)
+    whole = simulate(cfg).arrays
+    for key in FIELDS:
+        np.testing.assert_allclose(fused[key], whole[key], rtol=1e-12, atol=1e-14, err_msg=key)
+        np.testing.assert_allclose(ragged[key], whole[key], rtol=1e-12, atol=1e-14, err_msg=key)
+
+
+def test_float32_logit_engine_keeps_the_regimes_of_the_weight_space_engine():
+    cfg = dataclasses.replace(SMALL, instances=40, steps=5, dtype="float32", eta=0.2, suffix=8)
+    fast, slow = simulate(cfg, engine="logit").arrays, simulate(cfg, engine="weights").arrays
+    for key in ("pred_regime", "real_regime"):
+        np.testing.assert_array_equal(fast[key], slow[key])
+    np.testing.assert_allclose(fast["lw"], slow["lw"], rtol=1e-5)
+
+
+def test_results_do_not_depend_on_workers_or_block_size(monkeypatch):
+    from gesim.simulate import engine
+
+    cfg = dataclasses.replace(SMALL, instances=50, chunk=30)
+    one = simulate(cfg, workers=1).arrays
+    two = simulate(cfg, workers=2).arrays
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 1)  # blocks of 8 instances
+    small = simulate(cfg, workers=2).arrays
+    for key in FIELDS:
+        np.testing.assert_array_equal(one[key], two[key], err_msg=key)
+        np.testing.assert_allclose(one[key], small[key], rtol=1e-12, atol=1e-14, err_msg=key)
+
+
+def test_logit_engine_survives_probabilities_that_underflow():
+    """Huge logits: p_y underflows float32, so log p_y comes from log-sum-exp (the safe rerun)."""
+    import torch
+
+    from gesim.simulate import engine
+
+    cfg = dataclasses.replace(SMALL, instances=6, steps=2, dtype="float32", eta=1e-3)
+    pol, inst, pairs = engine.make_data(cfg, 0, cfg.instances)
+    inst = dataclasses.replace(inst, W0=inst.W0 * 400)
+    fast = engine.run_chunk(cfg, pol, inst, pairs, engine="logit")
+    slow = engine.run_chunk(cfg, pol, inst, pairs, engine="weights")
+    assert np.isfinite(fast["lw"]).all() and (fast["lw"] < -80).any()  # p_y below float32's tiny
+    np.testing.assert_allclose(fast["lw"], slow["lw"], rtol=1e-5)
+    torch.testing.assert_close(torch.as_tensor(fast["ll"]), torch.as_tensor(slow["ll"]), rtol=1e-5, atol=1e-3)
+
+
+def test_floor_counts_the_cheaper_of_logit_and_weight_space_gemms():
+    from gesim.simulate import logit
+
+    T, V = 32, 256
+    ctx = logit.floor("context", T, V, 64)
+    assert ctx["gemm_flops"] == 2 * (2 * T) ** 2 * V < 2 * 2 * (2 * T) * 64 * V  # half the weight-space GEMMs
+    assert logit.floor("context", T, V, 8)["gemm_flops"] == 2 * 2 * (2 * T) * 8 * V  # d < T: weight space
+    assert logit.floor("context", T, V, T)["gemm_flops"] == 2 * (2 * T) ** 2 * V  # d = T: a tie
+    assert logit.floor("context", T, V, 512)["gemm_flops"] == 2 * (2 * T) ** 2 * V
+    assert logit.floor("free_logits", T, V, T)["gemm_flops"] == 0
+    assert ctx["exps"] == 2 * T * V and logit.floor("free_logits", T, V, T)["exps"] == T * V
+    assert ctx["flops"] == ctx["gemm_flops"] + ctx["elementwise_flops"]
+
+
+def test_engine_choice_is_checked():
+    with pytest.raises(GesimError, match="SGD-family"):
+        simulate(dataclasses.replace(SMALL, optimizer="adam"), engine="logit")
+    with pytest.raises(GesimError, match="unknown engine"):
+        simulate(SMALL, engine="gpu")

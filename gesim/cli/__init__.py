@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from gesim import threads
 from gesim.errors import GesimError, OneLineParser, one_line
 
 #: Command modules, in the order ``--help`` lists them.
@@ -46,6 +47,7 @@ def main(argv=None) -> int:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     prog = f"{parser.prog} {args.command}"
     try:
+        threads.configure()  # one torch thread per worker: gesim's models are tiny (issue 17)
         return args.func(args) or 0
     except GesimError as err:
         print(one_line(prog, err), file=sys.stderr)

@@ -102,3 +102,14 @@ def select(patterns: str | None) -> list[Figure]:
             raise GesimError(f"no figure matches {pattern!r}; choose from: {', '.join(figs)}")
         chosen += [f for f in hits if f not in chosen]
     return chosen
+
+
+def saved_data(folder, name: str) -> dict:
+    """The ``data`` a figure run saved as ``folder/NAME.json`` (notebooks read committed figures)."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / f"{name}.json"
+    if not path.is_file():
+        raise GesimError(f"{path} does not exist: run python -m gesim.figures --only {name} first")
+    return json.loads(path.read_text())["data"]

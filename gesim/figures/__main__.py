@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from gesim import figures, registries
+from gesim import figures, registries, threads
 from gesim.errors import GesimError, OneLineParser, one_line
 from gesim.output import check_out_dir, write_json
 
@@ -76,6 +76,7 @@ def run_one(fig: figures.Figure, args, device: str) -> float:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        threads.configure()  # one torch thread per worker: the figures' models are tiny (issue 17)
         chosen = figures.select(args.only)
         if args.list:
             width = max(len(f.name) for f in chosen)

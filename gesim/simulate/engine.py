@@ -11,8 +11,11 @@ the engine records (theory.md sections 2-3):
   delta_ll = eta (d_w ip - d_l nl2) + <g_l, rest> (:func:`gesim.regimes.first_order`);
 * the realised changes (log-probs recomputed after the step) and both regimes.
 
-Gradients are the closed forms of :mod:`gesim.policies.linear`, batched in torch over
-instances (in chunks of ``chunk`` to bound memory). :func:`simulate_loop` is the plain
+Two exact paths, batched in torch over instances: SGD-family rules run in logit space
+(:mod:`gesim.simulate.logit`: no W, no gradients formed), any other rule (Adam) in weight
+space with the closed-form gradients of :mod:`gesim.policies.linear`. Data come in chunks of
+``chunk`` instances (deterministic in (seed, start)); the work runs in blocks on parallel
+single-threaded workers (:mod:`gesim.threads`). :func:`simulate_loop` is the plain
 per-instance reference (torch autograd, the registry's torch loss), used by the tests and
 the benchmark.
 """
@@ -26,8 +29,8 @@ import numpy as np
 import torch
 
 from gesim import dynamics, losses, policies, regimes, symbolic
-from gesim.errors import GesimError
-from gesim.simulate import optim
+from gesim.errors import GesimError, unknown
+from gesim.simulate import logit, optim
 
 FIELDS = ("lw", "ll", "margin", "d_w", "d_l", "ip", "nw2", "nl2", "cos", "pred_dlw", "pred_dll",
           "real_dlw", "real_dll", "pred_regime", "real_regime")
@@ -137,14 +140,20 @@ def _tensors(pairs, dtype):
             t(pairs.mask_l, dtype))
 
 
-def run_chunk(cfg: SimConfig, pol, inst, pairs, bar=None) -> dict:
-    """Simulate the instances ``inst`` on ``pairs`` (vectorised); arrays (steps, n)."""
+def run_chunk(cfg: SimConfig, pol, inst, pairs, bar=None, engine: str = "auto") -> dict:
+    """Simulate the instances ``inst`` on ``pairs`` (vectorised); arrays (steps, n).
+
+    ``engine``: "logit" (:mod:`gesim.simulate.logit`, SGD-family rules), "weights" (the
+    weight-space path below, any rule) or "auto" (logit space when the rule allows it).
+    """
     dtype = inst.W0.dtype
     yw, mw, yl, ml = _tensors(pairs, dtype)
     H_w, H_l = pol.features(inst, yw), pol.features(inst, yl)  # (n, T, d)
+    rule = optim.make(cfg.optimizer, cfg.eta)
+    if _path(engine, rule) == "logit":
+        return logit.run_block(cfg, H_w, H_l, inst.W0, yw, mw, yl, ml, pairs.len_w, pairs.len_l, rule, bar)
     W = inst.W0.clone()
     deriv, params = symbolic.derive(cfg.loss), losses.get(cfg.loss).params(**cfg.params)
-    rule = optim.make(cfg.optimizer, cfg.eta)
     len_w, len_l = pairs.len_w, pairs.len_l
     lw, g_w = policies.grad(W, H_w, yw, mw)
     ll, g_l = policies.grad(W, H_l, yl, ml)
@@ -183,18 +192,78 @@ def run_chunk(cfg: SimConfig, pol, inst, pairs, bar=None) -> dict:
     return {k: np.stack(v) for k, v in out.items()}
 
 
-def simulate(cfg: SimConfig, progress: bool = False) -> SimResult:
-    """Run ``cfg``: all instances in chunks, vectorised; a tqdm bar on stderr if ``progress``."""
+ENGINES = ("auto", "logit", "weights")
+#: Bytes of logits per block of the logit path (n x 2T x V): per-step Python overhead (loss
+#: weights, a dozen torch calls) is paid once per block; the GEMM, geometry and update run in
+#: L2-sized tiles inside it (:data:`gesim.simulate.logit.TILE`).
+BLOCK_BYTES = 2**23
+
+
+def block_size(cfg: SimConfig, path: str = "logit") -> int:
+    """Instances per work unit of ``path`` (at least 8, at most ``cfg.chunk``)."""
+    if path != "logit":
+        return cfg.chunk
+    T = cfg.prefix + max(cfg.differ_w or cfg.differ, cfg.differ_l or cfg.differ) + cfg.suffix
+    T += max(cfg.tail_w, cfg.tail_l)
+    itemsize = 8 if cfg.dtype == "float64" else 4
+    return max(1, min(cfg.chunk, max(8, BLOCK_BYTES // (2 * T * cfg.vocab * itemsize))))
+
+
+def _path(engine: str, rule) -> str:
+    if engine not in ENGINES:
+        raise unknown("engine", engine, ENGINES)
+    if engine == "auto":
+        return "logit" if logit.supports(rule) else "weights"
+    if engine == "logit" and not logit.supports(rule):
+        raise GesimError(f"the logit-space engine needs an SGD-family rule (one with weights()); "
+                         f"{type(rule).__name__} has none: use engine='weights' or 'auto'")
+    return engine
+
+
+def simulate(cfg: SimConfig, progress: bool = False, engine: str = "auto", workers: int | None = None) -> SimResult:
+    """Run ``cfg``: all instances, vectorised in blocks; a tqdm bar on stderr if ``progress``.
+
+    Data come in chunks of ``cfg.chunk`` instances (deterministic in (seed, start)); each chunk
+    is cut into blocks of :func:`block_size` instances, run by ``workers`` parallel single-threaded
+    workers (default :func:`gesim.threads.workers`). Results do not depend on the number of
+    workers (every block runs on one thread). ``engine``: see :func:`run_chunk`.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
+    from gesim import threads
+
     cfg.check()
-    parts = []
-    with torch.no_grad(), tqdm(total=cfg.instances * cfg.steps, disable=not progress, unit="inst-step",
-                               desc=f"simulate {cfg.policy}/{cfg.loss}") as bar:
-        for start in range(0, cfg.instances, cfg.chunk):
-            n = min(cfg.chunk, cfg.instances - start)
-            pol, inst, pairs = make_data(cfg, start, n)
-            parts.append(run_chunk(cfg, pol, inst, pairs, bar))
+    block = block_size(cfg, _path(engine, optim.make(cfg.optimizer, cfg.eta)))
+    units = []
+    for start in range(0, cfg.instances, cfg.chunk):
+        n = min(cfg.chunk, cfg.instances - start)
+        units.append((start, n))
+    n_units = sum(-(-n // block) for _, n in units)
+    workers = threads.workers(n_units) if workers is None else max(1, min(int(workers), n_units))
+
+    def chunk_jobs(start, n):
+        pol, inst, pairs = make_data(cfg, start, n)
+        return [(pol, inst.take(slice(i, i + block)), pairs.take(slice(i, i + block))) for i in range(0, n, block)]
+
+    with torch.no_grad(), threads.single(), tqdm(total=cfg.instances * cfg.steps, disable=not progress,
+                                                 unit="inst-step", desc=f"simulate {cfg.policy}/{cfg.loss}") as bar:
+        def job(args):
+            with torch.no_grad():
+                return run_chunk(cfg, *args, bar=bar, engine=engine)
+
+        if workers == 1:
+            parts = [job(j) for start, n in units for j in chunk_jobs(start, n)]
+        else:  # at most two data chunks alive: memory stays bounded, the workers never wait for data
+            with ThreadPoolExecutor(workers, initializer=threads.set_torch_threads, initargs=(1,)) as pool:
+                futures, parts = [], []
+                for start, n in units:
+                    if len(futures) > 1:
+                        parts += [f.result() for f in futures[0]]
+                        futures.pop(0)
+                    futures.append([pool.submit(job, j) for j in chunk_jobs(start, n)])
+                parts += [f.result() for fs in futures for f in fs]
     return SimResult(cfg, {k: np.concatenate([p[k] for p in parts], axis=1) for k in FIELDS})
 
 
@@ -203,7 +272,8 @@ def simulate_loop(cfg: SimConfig, instances=None) -> SimResult:
 
     Same data as :func:`simulate` (same chunks), but every gradient comes from autograd of
     log_softmax and every weight d_w = -dL/dlw, d_l = dL/dll from autograd of
-    ``gesim.losses.get(loss)("torch", ...)``. ``instances``: how many to run (default all).
+    ``gesim.losses.get(loss)("torch", ...)``. ``instances``: how many to run (default all): the
+    first ones of :func:`simulate`'s run, on the same data.
     """
     cfg.check()
     total = cfg.instances if instances is None else min(instances, cfg.instances)
@@ -211,9 +281,8 @@ def simulate_loop(cfg: SimConfig, instances=None) -> SimResult:
     params = loss.params(**cfg.params)
     cols = []
     for start in range(0, total, cfg.chunk):
-        n = min(cfg.chunk, total - start)
-        pol, inst, pairs = make_data(cfg, start, n)
-        for i in range(n):
+        pol, inst, pairs = make_data(cfg, start, min(cfg.chunk, cfg.instances - start))  # simulate's chunks
+        for i in range(min(cfg.chunk, total - start)):
             cols.append(_one(cfg, pol, inst.take([i]), pairs.take([i]), loss, params))
     return SimResult(dataclasses.replace(cfg, instances=total),
                      {k: np.stack([c[k] for c in cols], axis=1) for k in FIELDS})

@@ -16,6 +16,9 @@ normalisation, calibration: :mod:`gesim.methods`) returns the weights it used as
 so the P-weighted ip, nw2, nl2 replace the plain ones. A rule is a class with
 ``step(g_w, g_l, d_w, d_l) -> Update``, named in :data:`gesim.registries.RULES` with the
 module that defines it (resolved on first use by :func:`make`).
+A rule in the SGD family (u = eta (a g_w - b g_l), no preconditioner, no rest) may also define
+``weights(d_w, d_l, ip, nw2, nl2) -> (a, b)`` from the plain geometry: the engine then runs it in
+logit space (:mod:`gesim.simulate.logit`), without forming g_w, g_l or W.
 
 Shapes: g_w, g_l (N, V, d); d_w, d_l (N,).
 """
@@ -60,6 +63,13 @@ class SGD:
 
     def step(self, g_w, g_l, d_w, d_l) -> Update:
         return Update(direction(g_w, g_l, d_w, d_l).mul_(self.eta))
+
+    #: weights() ignores ip, nw2, nl2: the engine may fuse GEMM, geometry and update per tile
+    geometry_free = True
+
+    def weights(self, d_w, d_l, ip, nw2, nl2):
+        """(a, b) of u = eta (a g_w - b g_l): the loss's own weights (the logit-space protocol)."""
+        return d_w, d_l
 
 
 class Adam:
