@@ -95,7 +95,6 @@ CASES = [
     ("simulate-unknown-loss", "gesim", [*SIM, "--loss", "dpoo"], "unknown loss 'dpoo'"),
     ("simulate-eta-zero", "gesim", [*SIM, "--eta", "0"], "argument --eta: must be > 0"),
     ("simulate-eta-negative", "gesim", [*SIM, "--eta", "-0.1"], "got -0.1"),
-    ("simulate-eta-diverges", "gesim", [*SIM, "--eta", "1e6", "--suffix", "0,2"], "diverged at step"),
     ("simulate-steps-zero", "gesim", ["simulate", "--steps", "0"], "argument --steps: must be a positive integer"),
     ("simulate-instances-negative", "gesim", ["simulate", "--instances", "-5"], "argument --instances"),
     ("simulate-suffix-not-integers", "gesim", [*SIM, "--suffix", "1,x"], "got 1,x"),
@@ -296,6 +295,35 @@ def test_a_run_that_stays_finite_is_not_called_diverged():
     zero = {k: v.copy() for k, v in ok.items()}  # a zero gradient with ip = 0: cos undefined, not divergence
     zero["nw2"][1, 0], zero["ip"][1, 0], zero["cos"][1, 0] = 0.0, 0.0, np.nan
     assert divergence(zero) is None
+
+
+def test_simulate_divergence_is_reported_not_printed(monkeypatch, capsys):
+    # The logit-space engine is exact at any step size (eta 1e6 and 1e300 stay finite, below), so
+    # a diverged run is injected: one inf log-prob at step 2 must stop the command in one line.
+    import numpy as np
+
+    import gesim.simulate as sim
+
+    real = sim.simulate
+
+    def overflowing(cfg, *args, **kwargs):
+        res = real(cfg, *args, **kwargs)
+        res.arrays["lw"][1, 3] = -np.inf
+        return res
+
+    monkeypatch.setattr(sim, "simulate", overflowing)
+    assert gesim_main([*SIM, "--suffix", "2"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1
+    assert "diverged at step 2 of 2 (suffix 2): lw is inf/NaN" in out.err and "--eta" in out.err
+
+
+@pytest.mark.parametrize("eta", ["1e6", "1e300"])
+def test_simulate_huge_step_prints_only_possible_numbers(eta, capsys):
+    assert gesim_main([*SIM, "--eta", eta, "--suffix", "0,2", "--format", "json"]) == 0
+    for row in json.loads(capsys.readouterr().out):
+        assert -1 <= row["mean_cos"] <= 1
+        assert all(0 <= row[k] <= 1 for k in ("p_chosen_down", "p_rejected_up", "regime_agreement"))
 
 
 def test_transformer_divergence_is_reported_not_printed(monkeypatch, capsys):
