@@ -161,6 +161,9 @@ CASES = [
     ("figures-seed-not-integer", "figures", ["--seed", "abc"], "argument --seed"),
     ("figures-unknown-device", "figures", ["--device", "tpu"], "invalid choice: 'tpu'"),
     ("figures-unknown-flag", "figures", ["--colour"], "unrecognized arguments: --colour"),
+    ("figures-jobs-zero", "figures", ["--only", "condition_phase_diagram", "--jobs", "0"],
+     "argument --jobs: must be a positive integer, got 0"),
+    ("figures-jobs-not-integer", "figures", ["--jobs", "two"], "argument --jobs"),
 ]
 ENTRY = {"gesim": (gesim_main, "python -m gesim"), "figures": (figures_main, "python -m gesim.figures")}
 

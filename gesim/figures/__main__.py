@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", type=Path, default=Path("figures"), help="output folder (default figures/)")
     p.add_argument("--device", choices=registries.FIGURE_DEVICES, default="auto",
                    help="device for torch figures (default auto: cuda when available)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="parallel single-threaded worker processes on CPU (default: the CPUs this process may "
+                   "use, see gesim.threads); figures of one module share a worker")
     return p
 
 
@@ -82,32 +85,86 @@ def main(argv=None) -> int:
             width = max(len(f.name) for f in chosen)
             print("\n".join(f"{f.name:<{width}}  {f.description}" for f in chosen))
             return 0
+        if args.jobs is not None and args.jobs < 1:
+            raise GesimError(f"argument --jobs: must be a positive integer, got {args.jobs}")
         check_out_dir(args.outdir, "--outdir")  # before any figure is computed
         device = resolve_device(args.device)
     except GesimError as err:
         print(one_line(PROG, err), file=sys.stderr)
         return 2
-    from tqdm.auto import tqdm
-
-    failed = []
-    # tqdm draws a bar on a terminal (disable=None: off when stderr is not one); the one line per
-    # finished figure below goes to stderr either way, so logs show progress too.
-    bar = tqdm(chosen, desc="figures", unit="fig", file=sys.stderr, disable=None)
-    for i, fig in enumerate(bar, 1):
-        bar.set_postfix_str(fig.name)
-        try:
-            wall = run_one(fig, args, device)
-            tqdm.write(f"[{i}/{len(chosen)}] {fig.name}: {wall:.1f}s -> {args.outdir / fig.name}.{{png,pdf,json}}",
-                       file=sys.stderr)
-        except GesimError as err:
-            failed.append(fig.name)
-            tqdm.write(f"[{i}/{len(chosen)}] {fig.name}: error: {err}", file=sys.stderr)
-        sys.stderr.flush()
+    jobs = 1 if device == "cuda" else max(1, args.jobs or threads.workers())
+    groups = plan(chosen, args.outdir, jobs)
+    failed, done = [], 0
+    for name, wall, error in _results(groups, args, device, jobs):
+        done += 1
+        if error is None:
+            line = f"[{done}/{len(chosen)}] {name}: {wall:.1f}s -> {args.outdir / name}.{{png,pdf,json}}"
+        else:
+            failed.append(name)
+            line = f"[{done}/{len(chosen)}] {name}: error: {error}"
+        print(line, file=sys.stderr, flush=True)
     if failed:
         print(f"{PROG}: {len(failed)} figure(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 
+
+def plan(chosen: list, outdir: Path, jobs: int) -> list[list[str]]:
+    """Figure names in groups, one group per figure module (figures of a module may share runs),
+    the costliest first by the wall times the last run recorded in ``outdir`` (longest processing
+    time first keeps ``jobs`` workers evenly busy); one group in all when ``jobs`` is 1."""
+    import json
+
+    if jobs == 1:
+        return [[f.name for f in chosen]]
+    groups: dict[str, list] = {}
+    for f in chosen:
+        groups.setdefault(f.fn.__module__, []).append(f.name)
+
+    def cost(names):
+        total = 0.0
+        for name in names:
+            try:
+                total += float(json.loads((outdir / f"{name}.json").read_text())["wall_time_s"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return total
+
+    return sorted(groups.values(), key=cost, reverse=True)
+
+
+def run_group(names: list[str], args, device: str) -> list[tuple[str, float | None, str | None]]:
+    """Run figures ``names`` one after another: (name, wall seconds, None) or (name, None, error)."""
+    threads.configure()
+    registry, out = figures.registry(), []
+    for name in names:
+        try:
+            out.append((name, run_one(registry[name], args, device), None))
+        except GesimError as err:
+            out.append((name, None, str(err)))
+    return out
+
+
+def _results(groups, args, device, jobs):
+    """Each finished figure's (name, wall, error): in this process for one job (a bar on a
+    terminal), else from ``jobs`` spawned single-threaded processes as their groups finish."""
+    from tqdm.auto import tqdm
+
+    if jobs == 1 or len(groups) == 1:
+        names = [n for g in groups for n in g]
+        bar = tqdm(names, desc="figures", unit="fig", file=sys.stderr, disable=None)
+        for name in bar:
+            bar.set_postfix_str(name)
+            yield from run_group([name], args, device)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = multiprocessing.get_context("spawn")  # torch state is not fork-safe
+    with ProcessPoolExecutor(min(jobs, len(groups)), mp_context=ctx) as pool:
+        futures = [pool.submit(run_group, g, args, device) for g in groups]
+        for fut in as_completed(futures):
+            yield from fut.result()
 
 if __name__ == "__main__":
     raise SystemExit(main())
