@@ -169,9 +169,24 @@ class _RawParam(torch.nn.Module):
         return self.head(self.emb(ids) * self.scale)
 
 
-def test_uncovered_parameter_is_named_in_error():
-    with pytest.raises(GesimError, match=r"no exact rule for these selected parameters: scale"):
-        probe.pair_stats(_RawParam().double(), _batch(2))
+class _MixesRows(_RawParam):
+    """Rows interact (a batch mean): no per-sample gradient exists to measure."""
+
+    def forward(self, ids):
+        h = self.emb(ids) * self.scale
+        return self.head(h - h.mean(0, keepdim=True))
+
+
+def test_parameter_used_functionally_by_a_module_is_exact_by_rows():
+    torch.manual_seed(0)
+    m, b = _RawParam().double(), _batch(3)
+    _close(probe.pair_stats(m, b), probe.pair_stats(m, b, backend="reference"))
+
+
+def test_module_whose_rows_interact_is_refused_by_name():
+    torch.manual_seed(0)
+    with pytest.raises(GesimError, match=r"module <_MixesRows> \(_MixesRows\): row 0 run alone does not reproduce"):
+        probe.pair_stats(_MixesRows().double(), _batch(2))
 
 
 def test_bad_arguments_raise_clear_errors():
