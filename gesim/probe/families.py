@@ -7,7 +7,12 @@ backend against the two-backward reference, full parameters and LoRA):
 
 * ``EXACT``: fast = reference to 1e-10 (relative), full parameters and LoRA;
 * ``REFUSED``: the probe raises a ``GesimError`` naming what it cannot do (the reason);
+* ``LORA_REFUSED``: exact on full parameters, LoRA refused with a GesimError;
+* ``FAILING``: open, a raw exception from the probe (a strict test notices a fix);
 * ``UNBUILT``: transformers cannot build or run a tiny float64 instance here (the reason).
+
+Families not in any list are unchecked (:func:`unchecked`): the session that built this ran
+out of time before classifying them; the completeness test lists them.
 
 The README's family table is generated from these lists by :func:`markdown_table`.
 """
@@ -15,20 +20,52 @@ The README's family table is generated from these lists by :func:`markdown_table
 from __future__ import annotations
 
 EXACT = (
-    "apertus", "apertus1p5_text", "arcee", "bart", "bert", "bert-generation", "big_bird", "bigbird_pegasus",
-    "biogpt", "bitnet", "blenderbot", "blenderbot-small", "bloom", "camembert", "codegen", "cohere", "cohere2",
-    "cpmant", "ctrl", "cwm", "data2vec-text", "diffllama", "doge", "dory", "electra", "ernie", "ernie4_5",
-    "exaone", "exaone4", "falcon", "flint", "fuyu", "gemma", "gemma2", "gemma3", "gemma3_text", "git", "glm",
-    "glm4", "got_ocr2", "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gpt_neox_japanese", "gptj",
-    "granite", "granite_swa", "helium", "hrm_text", "hunyuan_v1_dense", "hyperclovax", "internlm3",
-    "iquestcoder", "jais2", "jetmoe", "lfm2", "llama", "marian", "mbart", "megatron-bert", "ministral",
-    "ministral3", "mistral", "mllama", "modernbert-decoder", "moshi", "mpt", "mvp", "nanochat", "nemotron",
-    "olmo", "olmo2", "olmo3", "openai-gpt", "opt", "pegasus", "persimmon", "phi", "phi3", "plbart", "prophetnet",
-    "qwen2", "qwen3", "rembert", "roberta", "roberta-prelayernorm", "roc_bert", "roformer", "seed_oss", "smollm3",
-    "stablelm", "starcoder2", "trocr", "vaultgemma", "whisper", "xlm", "xlm-roberta", "xlm-roberta-xl", "xlnet",
+    "apertus", "apertus1p5_text", "arcee", "aria_text", "bert", "bert-generation", "big_bird", "biogpt", "bitnet",
+    "bloom", "camembert", "cohere", "cohere2", "cwm", "data2vec-text", "electra", "emu3", "ernie", "ernie4_5",
+    "exaone", "exaone4", "falcon", "fuyu", "gemma", "gemma2", "gemma3", "gemma3_text", "glm", "glm4", "gpt2",
+    "lfm2", "llama", "opt", "qwen2_moe", "qwen3", "codegen",
 )
-REFUSED: dict[str, str] = {}
-UNBUILT: dict[str, str] = {}
+# exact to a looser tolerance: these models compute part of their forward in float32 whatever
+# the parameters' dtype (attention or router softmax), so batched and one-by-one runs differ by
+# float32 rounding; the probe itself is exact for the function the model computes
+FLOAT32_PARTS = {"codegen": 1e-6, "dots1": 1e-8}
+_PEFT_EXPERTS = ("LoRA on fused MoE experts (PEFT ParamWrapper) mixes rows when re-run: refused by name",
+                 "does not reproduce its row")
+LORA_REFUSED = {name: _PEFT_EXPERTS for name in ("afmoe", "cohere2_moe", "dots1", "ernie4_5_moe", "exaone_moe",
+                                                 "flex_olmo", "mixtral", "qwen3_moe")}
+_OFFSET = ("learned positional embedding that adds an offset to the ids (not W[ids] * scale)",
+           "returns something other than W\\[ids\\]")
+_ROWS = ("an attention module with its own parameters cannot be re-run on one row", "cannot be re-run on one row")
+REFUSED = {"bart": _OFFSET, "bigbird_pegasus": _OFFSET, "blenderbot": _OFFSET, "blenderbot-small": _OFFSET,
+           "cpmant": ("a position-bias module runs before any embedding", "runs before any embedding"),
+           "flint": _ROWS, "diffllama": _ROWS, "doge": _ROWS, "dory": _ROWS, "beam": _ROWS,
+           "gpt_oss": ("attention sinks: the attention module cannot be re-run on one row",
+                       "cannot be re-run on one row")}
+# open: a raw exception from the probe (the strict test fails once fixed)
+FAILING = {"ctrl": "in-place update of the embedding output", "git": "in-place update of the embedding output"}
+_MLA = "tiny multi-head latent attention config not found (rope/nope head dims)"
+UNBUILT = {
+    "blt": "tiny model did not run within 60 s", "falcon_h1": "tiny model did not run within 60 s",
+    "cohere_compass_text": "config layer_types", "dbrx": "config has no rope_theta", "dots3_note": "per-layer config",
+    "dots3_note_text": "per-layer config", "gemma3n": "needs timm", "gemma3n_text": "cache layer types",
+    "gemma4": "per-layer config", "gemma4_assistant": "config validation", "gemma4_text": "per-layer config",
+    "gemma4_unified": "per-layer config", "gemma4_unified_assistant": "per-layer config",
+    "gemma4_unified_text": "per-layer config", "xglm": "float64 eager attention overflows in transformers",
+    "bamba": "mamba head dims", "axk1": _MLA, "axk2": _MLA, "bailing_hybrid": _MLA, "deepseek_v2": _MLA,
+    "deepseek_v3": _MLA, "deepseek_v32": _MLA, "deepseek_v4": _MLA,
+}
+ALL_LISTS = (EXACT, LORA_REFUSED, REFUSED, FAILING, UNBUILT)
+
+
+def unchecked() -> list:
+    """Families transformers offers that this session's matrix has not classified yet."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - listed())
+
+
+def listed() -> set:
+    return {name for group in ALL_LISTS for name in group}
+
 
 # transformers config attributes shrunk for a tiny instance (when the config has them)
 SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
@@ -88,10 +125,13 @@ def build_tiny(model_type: str, seed: int = 0):
 
 
 def markdown_table() -> str:
-    """The README's table: one row per family, its status and the reason where not exact."""
-    rows = [(name, "exact (full and LoRA)", "") for name in EXACT]
-    rows += [(name, "refused", why) for name, why in REFUSED.items()]
-    rows += [(name, "not built here", why) for name, why in UNBUILT.items()]
+    """The README's table: one row per classified family, its status and the reason."""
+    rows = [(n, "exact, full and LoRA" + (f" (float32 parts: {FLOAT32_PARTS[n]:g})" if n in FLOAT32_PARTS else ""), "")
+            for n in EXACT]
+    rows += [(n, "exact full parameters; LoRA refused", why) for n, (why, _) in LORA_REFUSED.items()]
+    rows += [(n, "refused (GesimError)", why) for n, (why, _) in REFUSED.items()]
+    rows += [(n, "open failure (raw exception)", why) for n, why in FAILING.items()]
+    rows += [(n, "not built tiny here", why) for n, why in UNBUILT.items()]
     lines = ["| family (`model_type`) | probe | reason |", "|---|---|---|"]
     lines += [f"| `{n}` | {s} | {w} |" for n, s, w in sorted(rows)]
     return "\n".join(lines)

@@ -99,6 +99,9 @@ class _Engine:
                     while mname and isinstance(self.named[mname], CONTAINERS):  # no forward of their own
                         mname = mname.rpartition(".")[0]
                     self.owner[id(p)].add(mname)
+        for pid, owners in self.owner.items():  # registered on a module and on its ancestor: the inner one uses it
+            self.owner[pid] = {m for m in owners if not any(o != m and o.startswith(m + ".") or (m == "" and o != "")
+                                                            for o in owners)}
         self._replay = False
 
     def _plan(self):
@@ -226,7 +229,8 @@ class _Engine:
         use.extra["gathered"] = {id(e): {(id(x), id(y)): gather_head(use.b, y, e.a, x) for ia, ib in pairs
                                          for x, y in ((ia, ib), (ib, ia))} for e in waiting}
         use.extra["done"] = True
-        use.b = None
+        if len(use.roles) == 1:  # a tied bias of the same use still needs its output gradient
+            use.b = None
 
     def _tied(self, p):
         arrived = self.pending.pop(id(p))
