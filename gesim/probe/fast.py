@@ -146,12 +146,16 @@ class _Engine:
             rule = rule0
             if self._replay:
                 return None
-            out = output
+            out = leaf = output
             if isinstance(mod, torch.nn.Embedding):
-                if out.dim() < 3 or out.shape[0] != self.N:  # broadcast positions -> per row
-                    out = out.reshape(1, -1, out.shape[-1]).expand(self.N, -1, -1)
-                out = out.detach().clone().requires_grad_()
-                self.leaves.append(out)
+                shape, d = out.shape, out.shape[-1]
+                if out.numel() == self.N * self.T * d:  # one row per sample (maybe with extra unit axes)
+                    leaf = out.detach().reshape(self.N, self.T, d).clone().requires_grad_()
+                    out = leaf.clone().reshape(shape)  # a model may update it in place; the hook sits on the leaf
+                else:  # broadcast positions -> per row
+                    leaf = out.detach().reshape(1, -1, d).expand(self.N, -1, -1).clone().requires_grad_()
+                    out = leaf.clone()
+                self.leaves.append(leaf)
             elif not any(t.requires_grad for t in tensors(out)):
                 raise GesimError(f"module {mname} runs before any embedding: the probe cannot reach it")
             if roles:
@@ -162,14 +166,15 @@ class _Engine:
                     use.rule = rule = RowRule()
                 if isinstance(rule, RowRule):
                     out = rule.capture(use, self, args, kwargs, out)
-                elif not isinstance(rule, ElementwiseRule):
-                    rule.capture(use, self, args, kwargs, out)
+                elif not isinstance(rule, ElementwiseRule):  # an embedding checks what the module itself returned
+                    rule.capture(use, self, args, kwargs, output if isinstance(rule, EmbeddingRule) else out)
                 self.n_uses[id(mod)] += 1
                 for p in roles.values():
                     self.n_uses[("p", id(p))] += 1
                 self.uses.append(use)
                 if rule.streaming:
-                    out.register_hook(lambda g, use=use: self._on_grad(use, g))
+                    target = leaf if isinstance(mod, torch.nn.Embedding) else out
+                    target.register_hook(lambda g, use=use: self._on_grad(use, g))
             return out if out is not output else None
         return hook
 
@@ -254,7 +259,7 @@ class _Engine:
     def _forward(self, ids, mask, plan):
         """One hooked forward; returns (s, called module names)."""
         self.uses, self.leaves, self.pending, self.n_uses = [], [], {}, defaultdict(int)
-        self.looked_up, called, handles = {}, set(), []
+        self.looked_up, self.escaped, called, handles = {}, set(), set(), []
         watched = {id(m.weight): m for m in self.named.values() if isinstance(m, torch.nn.Embedding)}
         embedding = torch.nn.functional.embedding
 
@@ -320,7 +325,7 @@ class _Engine:
         used = {k[1] for k in self.n_uses if isinstance(k, tuple)}
         moved = False
         for pid, owners in self.owner.items():
-            if pid in used:
+            if pid in used and pid not in self.escaped:
                 continue
             for anc in _chain(min(owners, key=len))[1:]:
                 if anc in called:

@@ -38,7 +38,11 @@ def rows_view(x: torch.Tensor, N: int, T: int, name: str, last: int = 1) -> torc
 
 
 def row_slicer(x, N: int, T: int):
-    """Row i of a module argument: dim 0 of size N -> x[i:i+1], of size N*T -> x[iT:(i+1)T], else x."""
+    """Row i of a module argument: dim 0 of size N -> x[i:i+1], of size N*T -> x[iT:(i+1)T], else x
+    (tuples and lists element by element, e.g. rotary (cos, sin))."""
+    if isinstance(x, (tuple, list)) and not hasattr(x, "_fields"):
+        parts = [row_slicer(v, N, T) for v in x]
+        return lambda i: type(x)(s(i) for s in parts)
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
         return lambda i: x
     if x.shape[0] == N:
@@ -167,7 +171,9 @@ class EmbeddingRule(Rule):
         if out is None or not torch.allclose(out, (want * scale).to(out.dtype), rtol=1e-3, atol=0):
             raise GesimError(f"embedding {use.name} ({type(module).__name__}) returns something other than "
                              "W[ids] * embed_scale: the probe has no exact rule for it")
-        if ids.dim() < 2 or ids.shape[0] != engine.N:
+        if ids.numel() == engine.N * engine.T:
+            ids = ids.reshape(engine.N, engine.T)
+        else:
             ids = ids.reshape(1, -1).expand(engine.N, -1)  # broadcast positions -> per row
         use.a, use.extra["scale"] = ids, scale
         use.extra["padding_idx"] = getattr(module, "padding_idx", None)
@@ -253,6 +259,10 @@ class RowRule(Rule):
         """Keeps the inputs; returns the output with each float tensor replaced by an alias whose
         gradient is the one from outside the module (an output computed from another output,
         like a router's scores from its logits, must not count that path twice)."""
+        params = {id(p) for p in use.roles.values()}
+        escaped = [t for t in tensors(output) if id(t) in params]
+        if escaped:  # a parameter returned as such is used by the caller: differentiate through the caller
+            engine.escaped.update(id(t) for t in escaped)
         use.a = (engine.detached(args), engine.detached(kwargs), [t.detach() for t in tensors(output)])
         use.b = [None] * len(use.a[2])
         count = iter(range(len(use.a[2])))
@@ -272,6 +282,11 @@ class RowRule(Rule):
         N, T = engine.N, engine.T
         slicers = ([row_slicer(a, N, T) for a in args], {k: row_slicer(v, N, T) for k, v in kwargs.items()})
         out_slicers = [row_slicer(o, N, T) for o in outs]
+        for g, o in zip(use.b, outs):
+            if g is not None and (o.dim() == 0 or o.shape[0] not in (N, N * T)):
+                raise GesimError(f"module {use.name} ({type(use.module).__name__}) returns a tensor of shape "
+                                 f"{tuple(o.shape)} that is not split by rows ({N} or {N * T} first): its "
+                                 "parameters have no per-sample gradient the probe can separate")
         grads = [g if g is not None else torch.zeros_like(o) for g, o in zip(use.b, outs)]
         names = list(use.roles)
         per = {r: [] for r in names}
@@ -305,19 +320,20 @@ def close(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Equal up to the rounding of x's dtype (a re-run of the same module on the same input)."""
     if x.shape != y.shape:
         return False
-    tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(x.dtype, 2e-2)
+    tol = {torch.float64: 1e-6, torch.float32: 1e-4}.get(x.dtype, 2e-2)  # float64 models may round parts in float32
     return bool(torch.allclose(x, y.to(x.dtype), rtol=tol, atol=tol * float(y.abs().max().clamp_min(1e-30))))
 
 
 def rule_for(module) -> Rule:
     """The rule for a module that owns selected parameters (tried elementwise first, then by rows)."""
-    if isinstance(module, torch.nn.Linear):
-        return LinearRule()
+    if isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
+        return LinearRule()  # (a subclass with its own forward, e.g. Llama 4's router, is replayed instead)
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         return LinearRule(transposed=True)
     if isinstance(module, torch.nn.Embedding):
         return EmbeddingRule()
-    if isinstance(module, torch.nn.LayerNorm) and module.elementwise_affine:
+    if isinstance(module, torch.nn.LayerNorm) and module.elementwise_affine and \
+            type(module).forward is torch.nn.LayerNorm.forward:
         return LayerNormRule()
     return ElementwiseRule()
 
