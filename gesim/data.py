@@ -4,9 +4,9 @@ Formats: JSONL, JSON (a list of rows), Parquet, or a directory written by
 ``datasets.Dataset.save_to_disk``. A row is either *standard* (strings) or
 *conversational* (lists of ``{"role", "content"}`` messages; ``chosen`` and ``rejected`` hold
 the assistant turn(s), as in trl's preference format); ``prompt`` may be absent (trl's implicit
-prompt: chosen and rejected hold the whole text or conversation, the prompt is their common prefix). Bad rows are skipped and counted by
-reason (never dropped silently): missing fields, non-string content, empty responses,
-prompt-only rows. An unreadable file raises :class:`GesimError` naming the file (and line).
+prompt: chosen and rejected hold the whole text or conversation, the prompt is their common
+prefix). Bad rows are skipped and counted by reason (never dropped silently): missing fields,
+non-string content, empty responses, prompt-only rows. An unreadable file raises :class:`GesimError` naming the file (and line).
 """
 
 from __future__ import annotations

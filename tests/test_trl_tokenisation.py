@@ -53,7 +53,7 @@ def _conv(q, a, b):
 
 
 STANDARD = [{"prompt": "what color is the sky?", "chosen": " it is blue.", "rejected": " it is green."},
-            {"prompt": "where is the sun? ", "chosen": "in the sky.", "rejected": "in the sea."}]  # prompt ends in a space
+            {"prompt": "where is the sun? ", "chosen": "in the sky.", "rejected": "in the sea."}]  # ends in a space
 CONV = [_conv("what color is the sky?", "it is blue.", "it is green."),
         _conv("where is the sun?", "in the sky, not in the sea.", "in the sea.")]
 IMPLICIT = [{"chosen": [m for m in c["prompt"] + c["chosen"]], "rejected": [m for m in c["prompt"] + c["rejected"]]}
