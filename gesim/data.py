@@ -6,7 +6,8 @@ Formats: JSONL, JSON (a list of rows), Parquet, or a directory written by
 the assistant turn(s), as in trl's preference format); ``prompt`` may be absent (trl's implicit
 prompt: chosen and rejected hold the whole text or conversation, the prompt is their common
 prefix). Bad rows are skipped and counted by reason (never dropped silently): missing fields,
-non-string content, empty responses, prompt-only rows. An unreadable file raises :class:`GesimError` naming the file (and line).
+non-string content, empty responses, prompt-only rows. An unreadable file raises
+:class:`GesimError` naming the file (and line).
 """
 
 from __future__ import annotations
