@@ -203,3 +203,25 @@ def test_bad_arguments_raise_clear_errors():
         probe.pair_stats(m, b, precond={next(m.parameters()): torch.ones(3)})
     with pytest.raises(GesimError, match="selects no response token"):
         probe.token_gram(m, b.chosen_ids, torch.zeros_like(b.chosen_mask))
+
+
+@pytest.mark.parametrize("kind", ["embedding", "modules_to_save"])
+def test_peft_lora_on_embeddings_and_modules_to_save_exact(kind):
+    import peft
+    cfg = dict(target_modules=["embed_tokens", "q_proj"]) if kind == "embedding" else dict(
+        target_modules=["q_proj"], modules_to_save=["lm_head"])
+    m = peft.get_peft_model(_model("llama", tied=False), peft.LoraConfig(r=2, lora_dropout=0.0, init_lora_weights=False,
+                                                                         **cfg))
+    from gesim.probe.reference import selected_named
+    names = [n for n, _ in selected_named(m, "lora")]
+    assert any(("lora_embedding" if kind == "embedding" else "modules_to_save") in n for n in names)
+    b = _batch(3)
+    _close(probe.pair_stats(m, b, "lora"), probe.pair_stats(m, b, "lora", backend="reference"))
+
+
+def test_dora_is_refused_by_name():
+    import peft
+    m = peft.get_peft_model(_model("llama", tied=False), peft.LoraConfig(r=2, lora_dropout=0.0, use_dora=True,
+                                                                         target_modules=["q_proj"]))
+    with pytest.raises(GesimError, match=r"q_proj\.lora_A\.default \(Linear\) is called on an input that does not"):
+        probe.pair_stats(m, _batch(2), "lora")

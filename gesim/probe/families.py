@@ -37,7 +37,7 @@ _OFFSET = ("learned positional embedding that adds an offset to the ids (not W[i
            "returns something other than W\\[ids\\]")
 _ROWS = ("an attention module with its own parameters cannot be re-run on one row", "cannot be re-run on one row")
 REFUSED = {"bart": _OFFSET, "bigbird_pegasus": _OFFSET, "blenderbot": _OFFSET, "blenderbot-small": _OFFSET,
-           "cpmant": ("a position-bias module runs before any embedding", "runs before any embedding"),
+           "cpmant": ("a position-bias module runs before any embedding", "does not come from the batch's embeddings"),
            "flint": _ROWS, "diffllama": _ROWS, "doge": _ROWS, "dory": _ROWS, "beam": _ROWS,
            "gpt_oss": ("attention sinks: the attention module cannot be re-run on one row",
                        "cannot be re-run on one row")}

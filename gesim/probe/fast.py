@@ -103,6 +103,7 @@ class _Engine:
             self.owner[pid] = {m for m in owners if not any(o != m and o.startswith(m + ".") or (m == "" and o != "")
                                                             for o in owners)}
         self._replay = False
+        self.copy_outputs = False  # set when the model updates a hooked output in place
 
     def _plan(self):
         """{module name: (module, rule, roles)} from ``self.owner`` (roles: name relative to the module)."""
@@ -149,7 +150,10 @@ class _Engine:
             out = leaf = output
             if isinstance(mod, torch.nn.Embedding):
                 shape, d = out.shape, out.shape[-1]
-                if out.numel() == self.N * self.T * d:  # one row per sample (maybe with extra unit axes)
+                if not roles:  # nothing to measure here: only a start for the backward pass
+                    leaf = out.detach().clone().requires_grad_()
+                    out = leaf.clone()
+                elif out.numel() == self.N * self.T * d:  # one row per sample (maybe with extra unit axes)
                     leaf = out.detach().reshape(self.N, self.T, d).clone().requires_grad_()
                     out = leaf.clone().reshape(shape)  # a model may update it in place; the hook sits on the leaf
                 else:  # broadcast positions -> per row
@@ -157,7 +161,9 @@ class _Engine:
                     out = leaf.clone()
                 self.leaves.append(leaf)
             elif not any(t.requires_grad for t in tensors(out)):
-                raise GesimError(f"module {mname} runs before any embedding: the probe cannot reach it")
+                raise GesimError(f"module {mname} ({type(mod).__name__}) is called on an input that does not come "
+                                 "from the batch's embeddings (a position bias before any embedding, or a weight "
+                                 "computation such as DoRA's norm): the probe has no per-sample rule for it")
             if roles:
                 k = self.n_uses[id(mod)]
                 label = mname or f"<{type(mod).__name__}>"
@@ -174,7 +180,10 @@ class _Engine:
                 self.uses.append(use)
                 if rule.streaming:
                     target = leaf if isinstance(mod, torch.nn.Embedding) else out
+                    if self.copy_outputs and target is out and out is output:
+                        out = output.clone()  # the model may update it in place; the hook stays on the original
                     target.register_hook(lambda g, use=use: self._on_grad(use, g))
+                    self.watched_outputs.append((target, target._version))
             return out if out is not output else None
         return hook
 
@@ -260,6 +269,7 @@ class _Engine:
         """One hooked forward; returns (s, called module names)."""
         self.uses, self.leaves, self.pending, self.n_uses = [], [], {}, defaultdict(int)
         self.looked_up, self.escaped, called, handles = {}, set(), set(), []
+        self.watched_outputs = []
         watched = {id(m.weight): m for m in self.named.values() if isinstance(m, torch.nn.Embedding)}
         embedding = torch.nn.functional.embedding
 
@@ -294,7 +304,10 @@ class _Engine:
             with torch.enable_grad():
                 plan = self._plan()
                 s, called = self._forward(ids, mask, plan)
-                if self._reassign(called):  # parameters used functionally by an ancestor: hook that one
+                moved = self._reassign(called)  # parameters used functionally by an ancestor: hook that one
+                if any(t._version != v for t, v in self.watched_outputs):  # updated in place: its hook would not fire
+                    self.copy_outputs = moved = True
+                if moved:
                     s, _ = self._forward(ids, mask, self._plan())
                 if not self.leaves:
                     raise GesimError("the model has no nn.Embedding module: the probe cannot start its backward")

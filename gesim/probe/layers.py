@@ -31,8 +31,8 @@ from gesim.errors import GesimError
 
 def rows_view(x: torch.Tensor, N: int, T: int, name: str, last: int = 1) -> torch.Tensor:
     """``x`` as (N, positions, *x.shape[-last:]): rows first (N, ...) or flattened tokens (N*T, ...)."""
-    if x.shape[0] == N or (x.shape[0] == N * T and x.dim() == 1 + last):
-        return x.reshape(N, -1, *x.shape[x.dim() - last:])
+    if x.shape[0] == N or (x.shape[0] % (N * T) == 0 and x.dim() == 1 + last):
+        return x.reshape(N, -1, *x.shape[x.dim() - last:])  # (N*T*k, ...): rows outermost, as reshape(-1, d) makes
     raise GesimError(f"module {name}: input of shape {tuple(x.shape)} does not map to the batch's {N} rows "
                      f"(neither ({N}, ...) nor flattened ({N * T}, ...)); the probe cannot split it per sample")
 
@@ -47,8 +47,9 @@ def row_slicer(x, N: int, T: int):
         return lambda i: x
     if x.shape[0] == N:
         return lambda i: x[i:i + 1]
-    if x.shape[0] == N * T:
-        return lambda i: x[i * T:(i + 1) * T]
+    if x.shape[0] % (N * T) == 0 and x.shape[0] > 0:
+        k = x.shape[0] // N
+        return lambda i: x[i * k:(i + 1) * k]
     return lambda i: x
 
 
@@ -271,8 +272,9 @@ class RowRule(Rule):
             k = next(count)
             if not t.requires_grad:
                 return t
-            t = t.view_as(t)
+            t = t.clone() if engine.copy_outputs else t.view_as(t)
             t.register_hook(lambda g: use.b.__setitem__(k, g.detach()))
+            engine.watched_outputs.append((t, t._version))
             return t
         return map_tensors(output, alias)
 
@@ -283,7 +285,7 @@ class RowRule(Rule):
         slicers = ([row_slicer(a, N, T) for a in args], {k: row_slicer(v, N, T) for k, v in kwargs.items()})
         out_slicers = [row_slicer(o, N, T) for o in outs]
         for g, o in zip(use.b, outs):
-            if g is not None and (o.dim() == 0 or o.shape[0] not in (N, N * T)):
+            if g is not None and (o.dim() == 0 or (o.shape[0] != N and o.shape[0] % (N * T))):
                 raise GesimError(f"module {use.name} ({type(use.module).__name__}) returns a tensor of shape "
                                  f"{tuple(o.shape)} that is not split by rows ({N} or {N * T} first): its "
                                  "parameters have no per-sample gradient the probe can separate")
