@@ -24,6 +24,9 @@ trainer's ``loss``, ``grad_norm``, ``learning_rate`` and trl's ``rewards/*``, ``
   (a batch of other pairs), so that prediction and realisation are the same quantity;
 * ``entanglement/seconds``: wall time of the probe at that step (the callback's overhead).
 
+Memory: between a probe step and the next step the callback keeps one copy of the selected
+parameters and the two mean-log-prob gradients (3 P numbers; use ``params="lora"`` on big models).
+
 Usage::
 
     cb = EntanglementCallback(rows, tokenizer, every=50, loss="dpo").attach(trainer)
