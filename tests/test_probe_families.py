@@ -110,3 +110,13 @@ def test_readme_family_table_is_current():
     readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
     assert families.markdown_table() in readme, "regenerate: python -c 'from gesim.probe import families; " \
                                                 "print(families.markdown_table())'"
+
+
+def test_xglm_scaled_embedding_in_float32(one_thread):
+    """XGLM (scaled word embeddings) cannot run in float64 here (transformers' eager attention
+    overflows), so it is checked in float32: a missed embed_scale would be off by 30-55%."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(families.tiny_config("xglm"), attn_implementation="eager").eval()
+    assert getattr(m.get_input_embeddings(), "embed_scale", 1.0) != 1.0
+    _check(m, "all", 1e-4)
