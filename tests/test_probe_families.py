@@ -43,8 +43,8 @@ def _lora(model):
                                                                      init_lora_weights=False))
 
 
-def _check(model, params, rtol):
-    b = _batch()
+def _check(model, params, rtol, b=None):
+    b = _batch() if b is None else b
     ref = probe.pair_stats(model, b, params, backend="reference")
     got = probe.pair_stats(model, b, params, backend="fast")
     scale = {"ip": (ref["nw2"] * ref["nl2"]).sqrt().max()}  # ip can cancel to ~0: its error is a cosine error
@@ -120,3 +120,25 @@ def test_xglm_scaled_embedding_in_float32(one_thread):
     m = AutoModelForCausalLM.from_config(families.tiny_config("xglm"), attn_implementation="eager").eval()
     assert getattr(m.get_input_embeddings(), "embed_scale", 1.0) != 1.0
     _check(m, "all", 1e-4)
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_sliding_window_with_right_padding_longer_than_the_window_has_no_nan(name, one_thread):
+    """Eager attention, window 2, a pair padded by 8 tokens: pad query rows would see no key
+    under a padding mask (NaN rows); the probe's all-ones mask and NaN-safe sums stay exact."""
+    cfg = families.tiny_config(name)
+    cfg.sliding_window = 2
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").double().eval()
+    ids = torch.randint(3, 90, (2, 12))
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    mask[0, 2:12], mask[1, 2:4] = 1, 1  # row 1: 8 pad tokens after its response
+    b = lm.PairBatch(ids, ids.flip(0), mask, mask.flip(0))
+    all_ids, all_mask = b.stacked()
+    last = torch.where(all_mask.bool(), torch.arange(12), -1).max(1).values
+    padding_mask = (torch.arange(12)[None] <= last[:, None]).long()
+    old = m(input_ids=all_ids, attention_mask=padding_mask, position_ids=torch.arange(12).expand(4, 12)).logits
+    assert torch.isnan(old).any()  # the hazard: a padding mask leaves pad rows with no key
+    assert torch.isfinite(lm.logits(m, all_ids, all_mask)).all()
+    _check(m, "all", RTOL, b)
