@@ -1,11 +1,13 @@
 """Reading and validating preference data: ``prompt`` / ``chosen`` / ``rejected`` rows.
 
 Formats: JSONL, JSON (a list of rows), Parquet, or a directory written by
-``datasets.Dataset.save_to_disk``. A row is either *standard* (three strings) or
+``datasets.Dataset.save_to_disk``. A row is either *standard* (strings) or
 *conversational* (lists of ``{"role", "content"}`` messages; ``chosen`` and ``rejected`` hold
-the assistant turn(s), as in trl's preference format). Bad rows are skipped and counted by
-reason (never dropped silently): missing fields, non-string content, empty responses,
-prompt-only rows. An unreadable file raises :class:`GesimError` naming the file (and line).
+the assistant turn(s), as in trl's preference format); ``prompt`` may be absent (trl's implicit
+prompt: chosen and rejected hold the whole text or conversation, the prompt is their common
+prefix). Bad rows are skipped and counted by reason (never dropped silently): missing fields,
+non-string content, empty responses, prompt-only rows. An unreadable file raises
+:class:`GesimError` naming the file (and line).
 """
 
 from __future__ import annotations
@@ -88,10 +90,11 @@ def row_problem(row) -> str | None:
         return "not an object"
     if "prompt" in row and not any(row.get(k) for k in ("chosen", "rejected")):
         return "prompt-only row"
-    missing = [k for k in FIELDS if k not in row or row[k] is None]
+    present = [k for k in FIELDS if row.get(k) is not None]
+    missing = [k for k in ("chosen", "rejected") if k not in present]
     if missing:
         return "missing field " + "/".join(missing)
-    kinds = {k: "text" if isinstance(row[k], str) else "messages" if _is_messages(row[k]) else None for k in FIELDS}
+    kinds = {k: "text" if isinstance(row[k], str) else "messages" if _is_messages(row[k]) else None for k in present}
     bad = [k for k, v in kinds.items() if v is None]
     if bad:
         return "non-string content in " + "/".join(bad)
@@ -114,7 +117,7 @@ def read_pairs(path) -> PreferenceRows:
         if problem:
             out.skipped[problem] += 1
         else:
-            out.rows.append({**{k: row[k] for k in FIELDS}, "index": index})
+            out.rows.append({**{k: row.get(k) for k in FIELDS}, "index": index})
     if not out.rows:
         detail = ", ".join(f"{n} {why}" for why, n in out.skipped.items()) or "the file is empty"
         raise GesimError(f"{path}: no usable preference row ({detail})")

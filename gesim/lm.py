@@ -8,7 +8,8 @@ One convention everywhere (the small GPT, Hugging Face models, the probe, the tr
 * ``lw = sum_t mask_w[t] log pi(x_t | x_<t)``: summed response log-probs, prompt masked out.
 * A model is any callable ``model(input_ids, ...)`` returning logits (N, T, V) or an object
   with ``.logits`` (Hugging Face). Hugging Face models get explicit per-row ``position_ids``
-  (N, T) and an ``attention_mask``, so padding never changes a row's numbers.
+  (N, T) and an all-ones ``attention_mask`` (right padding under causal attention: pads never
+  change a real row's numbers, and no pad row is left with nothing to attend to).
 """
 
 from __future__ import annotations
@@ -75,20 +76,18 @@ def is_hf(model) -> bool:
 def logits(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (N, T, V) of ``model`` on right-padded ``ids`` (N, T).
 
-    For Hugging Face models, an attention mask (real tokens: everything up to the last
-    response token of each row) and per-row position ids are passed explicitly.
+    Hugging Face models get per-row position ids and an all-ones attention mask: with right
+    padding and causal attention no real token sees a pad, so masking pads changes nothing
+    for them, while a padding mask can leave a pad's query row with no visible key (sliding
+    window shorter than the padding) and make it NaN under eager attention. ``mask`` (the
+    response mask) is accepted for the calling convention and not needed.
     """
     if not is_hf(model):
         out = model(ids)
         return out.logits if hasattr(out, "logits") else out
     N, T = ids.shape
-    if mask is not None and mask.any():
-        last = torch.where(mask.bool(), torch.arange(T, device=ids.device), -1).max(dim=1).values
-        attention = (torch.arange(T, device=ids.device)[None, :] <= last[:, None]).long()
-    else:
-        attention = torch.ones_like(ids)
     position_ids = torch.arange(T, device=ids.device).expand(N, T)
-    out = model(input_ids=ids, attention_mask=attention, position_ids=position_ids, use_cache=False)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=position_ids, use_cache=False)
     return out.logits
 
 
@@ -124,7 +123,8 @@ def response_logps(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     """Summed response log-probs (N,): sum_t mask[t] log pi(x_t | x_<t)."""
     mask = mask.clone()
     mask[:, 0] = 0
-    return (token_logps(logits(model, ids, mask), ids) * mask).sum(-1)
+    logp = token_logps(logits(model, ids, mask), ids)
+    return torch.where(mask.bool(), logp, torch.zeros((), dtype=logp.dtype, device=logp.device)).sum(-1)
 
 
 def pair_logps(model, batch: PairBatch):

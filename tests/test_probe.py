@@ -169,9 +169,24 @@ class _RawParam(torch.nn.Module):
         return self.head(self.emb(ids) * self.scale)
 
 
-def test_uncovered_parameter_is_named_in_error():
-    with pytest.raises(GesimError, match=r"no exact rule for these selected parameters: scale"):
-        probe.pair_stats(_RawParam().double(), _batch(2))
+class _MixesRows(_RawParam):
+    """Rows interact (a batch mean): no per-sample gradient exists to measure."""
+
+    def forward(self, ids):
+        h = self.emb(ids) * self.scale
+        return self.head(h - h.mean(0, keepdim=True))
+
+
+def test_parameter_used_functionally_by_a_module_is_exact_by_rows():
+    torch.manual_seed(0)
+    m, b = _RawParam().double(), _batch(3)
+    _close(probe.pair_stats(m, b), probe.pair_stats(m, b, backend="reference"))
+
+
+def test_module_whose_rows_interact_is_refused_by_name():
+    torch.manual_seed(0)
+    with pytest.raises(GesimError, match=r"module <_MixesRows> \(_MixesRows\): row 0 run alone does not reproduce"):
+        probe.pair_stats(_MixesRows().double(), _batch(2))
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -188,3 +203,25 @@ def test_bad_arguments_raise_clear_errors():
         probe.pair_stats(m, b, precond={next(m.parameters()): torch.ones(3)})
     with pytest.raises(GesimError, match="selects no response token"):
         probe.token_gram(m, b.chosen_ids, torch.zeros_like(b.chosen_mask))
+
+
+@pytest.mark.parametrize("kind", ["embedding", "modules_to_save"])
+def test_peft_lora_on_embeddings_and_modules_to_save_exact(kind):
+    import peft
+    cfg = dict(target_modules=["embed_tokens", "q_proj"]) if kind == "embedding" else dict(
+        target_modules=["q_proj"], modules_to_save=["lm_head"])
+    m = peft.get_peft_model(_model("llama", tied=False), peft.LoraConfig(r=2, lora_dropout=0.0, init_lora_weights=False,
+                                                                         **cfg))
+    from gesim.probe.reference import selected_named
+    names = [n for n, _ in selected_named(m, "lora")]
+    assert any(("lora_embedding" if kind == "embedding" else "modules_to_save") in n for n in names)
+    b = _batch(3)
+    _close(probe.pair_stats(m, b, "lora"), probe.pair_stats(m, b, "lora", backend="reference"))
+
+
+def test_dora_is_refused_by_name():
+    import peft
+    m = peft.get_peft_model(_model("llama", tied=False), peft.LoraConfig(r=2, lora_dropout=0.0, use_dora=True,
+                                                                         target_modules=["q_proj"]))
+    with pytest.raises(GesimError, match=r"q_proj\.lora_A\.default \(Linear\) is called on an input that does not"):
+        probe.pair_stats(m, _batch(2), "lora")

@@ -1,7 +1,9 @@
 """The fast exact probe: one forward and one backward with respect to activations.
 
-Every selected parameter must live (directly) in a module the probe understands (Linear,
-HF Conv1D, Embedding, LayerNorm, RMSNorm; PEFT LoRA factors are Linear). Forward hooks record
+Every selected parameter is differentiated through the calls of the module that owns it, by
+that module's rule (:mod:`gesim.probe.layers`: Linear/Conv1D, Embedding, LayerNorm, elementwise
+parameters, or row-by-row replay; a parameter whose owner is never called is moved to its
+nearest called ancestor, e.g. weights used functionally by a parent). Forward hooks record
 each call ("use") of those modules; all parameters are frozen and every embedding output is
 made a grad-requiring leaf, so the single backward computes activation gradients only (no
 weight-gradient GEMMs, no B x P tensor). A tensor hook on each use's output receives its
@@ -17,13 +19,14 @@ float64 for float64 models (docs/theory.md section 8.6: never a bf16 Gram).
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 import torch
 
 from gesim import lm
 from gesim.errors import GesimError
-from gesim.probe.layers import Use, gather_head, ghost_cost_wins, ghost_product, module_kind, per_sample, rms_xhat
+from gesim.probe.layers import ElementwiseRule, EmbeddingRule, LinearRule, RowRule, Use, gather_head, rule_for, tensors
 from gesim.probe.reference import precond_vector, selected_named  # noqa: F401 (precond checks)
 
 KEYS = ("ip", "nw2", "nl2")
@@ -70,14 +73,17 @@ class _Products:
             self.add(name, {k: (gu[ia] * gv[ib]).sum(1) for k, (ia, ib) in self.pairs.items()})
 
     def ghost(self, name, u, v):
-        self.add(name, {k: ghost_product(u, ia, v, ib) for k, (ia, ib) in self.index_pairs().items()})
+        self.add(name, {k: u.rule.product(u, ia, v, ib) for k, (ia, ib) in self.index_pairs().items()})
+
+
+CONTAINERS = (torch.nn.ParameterDict, torch.nn.ParameterList, torch.nn.ModuleDict, torch.nn.ModuleList)
 
 
 class _Engine:
     """Hooks, one forward, one backward; fills a :class:`_Products`."""
 
     def __init__(self, model, params, N, pairs, precond=None):
-        self.model, self.N = model, N
+        self.model, self.N, self.T = model, N, 0
         chosen = selected_named(model, params)
         precond_vector(precond, [p for _, p in chosen])  # validates shapes and membership
         self.precond = {id(p): v for p, v in (precond or {}).items()}
@@ -85,61 +91,108 @@ class _Engine:
         first = chosen[0][1]
         self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         self.products = _Products(pairs, N, self.dtype, first.device)
-        self.modules, uncovered = {}, []
-        for mname, module in model.named_modules():
-            roles = {r: p for r, p in module.named_parameters(recurse=False) if id(p) in self.selected}
-            if not roles:
-                continue
-            kind = module_kind(module)
-            if kind is None or not set(roles) <= {"weight", "bias"}:
-                uncovered += [f"{mname + '.' if mname else ''}{r} ({type(module).__name__})" for r in roles]
-                continue
-            self.modules[mname] = (module, kind, roles)
-        if uncovered:
-            raise GesimError("the probe has no exact rule for these selected parameters: " + ", ".join(uncovered)
-                             + " (select fewer with params=..., or use backend='reference')")
-        self.uses, self.leaves = [], []
-        self.pending = {}  # id(param) -> uses already arrived (tied parameters)
-        self.n_uses = defaultdict(int)
+        self.named = dict(model.named_modules())
+        self.owner = defaultdict(set)  # id(param) -> names of the modules whose calls it is differentiated through
+        for mname, module in self.named.items():
+            for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
+                if id(p) in self.selected:
+                    while mname and isinstance(self.named[mname], CONTAINERS):  # no forward of their own
+                        mname = mname.rpartition(".")[0]
+                    self.owner[id(p)].add(mname)
+        for pid, owners in self.owner.items():  # registered on a module and on its ancestor: the inner one uses it
+            self.owner[pid] = {m for m in owners if not any(o != m and o.startswith(m + ".") or (m == "" and o != "")
+                                                            for o in owners)}
+        self._replay = False
+        self.copy_outputs = False  # set when the model updates a hooked output in place
+
+    def _plan(self):
+        """{module name: (module, rule, roles)} from ``self.owner`` (roles: name relative to the module)."""
+        plan = {}
+        for pid, owners in self.owner.items():
+            for mname in owners:
+                module = self.named[mname]
+                for name, p in module.named_parameters(remove_duplicate=False):
+                    if id(p) == pid:
+                        plan.setdefault(mname, (module, {}))[1][name] = p
+                        break
+        out = {}
+        for mname, (module, roles) in plan.items():
+            rule = rule_for(module)
+            if not isinstance(rule, ElementwiseRule) and not set(roles) <= {"weight", "bias"}:
+                rule = ElementwiseRule()
+            out[mname] = (module, rule, roles)
+        return out
+
+    @contextlib.contextmanager
+    def replaying(self):
+        """Re-runs of a module by a rule: no hook records anything."""
+        old, self._replay = self._replay, True
+        try:
+            yield
+        finally:
+            self._replay = old
+
+    def detached(self, x):
+        if isinstance(x, torch.Tensor):
+            return x.detach()
+        if isinstance(x, (tuple, list)):
+            return type(x)(self.detached(v) for v in x) if not hasattr(x, "_fields") else x
+        if isinstance(x, dict):
+            return {k: self.detached(v) for k, v in x.items()}
+        return x
 
     # -- forward ---------------------------------------------------------------------------
-    def _forward_hook(self, mname, module, kind, roles):
-        def hook(mod, inputs, output):
-            x = inputs[0]
-            out = output
-            if kind == "embedding":
-                if x.dim() < 2 or x.shape[0] != self.N:
-                    x = x.reshape(1, -1).expand(self.N, -1)  # broadcast positions -> per row
-                    out = output.reshape(1, x.shape[1], -1).expand(self.N, -1, -1)
-                out = out.detach().clone().requires_grad_()
-                self.leaves.append(out)
-            elif not out.requires_grad:
-                raise GesimError(f"module {mname} runs before any embedding: the probe cannot reach it")
+    def _forward_hook(self, mname, rule0, roles):
+        def hook(mod, args, kwargs, output):
+            rule = rule0
+            if self._replay:
+                return None
+            out = leaf = output
+            if isinstance(mod, torch.nn.Embedding):
+                shape, d = out.shape, out.shape[-1]
+                if not roles:  # nothing to measure here: only a start for the backward pass
+                    leaf = out.detach().clone().requires_grad_()
+                    out = leaf.clone()
+                elif out.numel() == self.N * self.T * d:  # one row per sample (maybe with extra unit axes)
+                    leaf = out.detach().reshape(self.N, self.T, d).clone().requires_grad_()
+                    out = leaf.clone().reshape(shape)  # a model may update it in place; the hook sits on the leaf
+                else:  # broadcast positions -> per row
+                    leaf = out.detach().reshape(1, -1, d).expand(self.N, -1, -1).clone().requires_grad_()
+                    out = leaf.clone()
+                self.leaves.append(leaf)
+            elif not any(t.requires_grad for t in tensors(out)):
+                raise GesimError(f"module {mname} ({type(mod).__name__}) is called on an input that does not come "
+                                 "from the batch's embeddings (a position bias before any embedding, or a weight "
+                                 "computation such as DoRA's norm): the probe has no per-sample rule for it")
             if roles:
-                if kind == "embedding":
-                    a = x
-                elif kind == "layernorm":
-                    a = torch.nn.functional.layer_norm(x, mod.normalized_shape, None, None, mod.eps).detach()
-                elif kind == "rmsnorm":
-                    a = rms_xhat(mod, x.detach())
-                else:
-                    a = x.detach()
-                use = Use(f"{mname}#{len(self.uses)}" if self.n_uses.get(id(mod)) else mname, kind, mod, roles, a=a,
-                          padding_idx=getattr(mod, "padding_idx", None))
+                k = self.n_uses[id(mod)]
+                label = mname or f"<{type(mod).__name__}>"
+                use = Use(f"{label}#{k}" if k else label, rule, mod, roles)
+                if isinstance(rule, ElementwiseRule) and not rule.capture(use, self, args, kwargs, out):
+                    use.rule = rule = RowRule()
+                if isinstance(rule, RowRule):
+                    out = rule.capture(use, self, args, kwargs, out)
+                elif not isinstance(rule, ElementwiseRule):  # an embedding checks what the module itself returned
+                    rule.capture(use, self, args, kwargs, output if isinstance(rule, EmbeddingRule) else out)
                 self.n_uses[id(mod)] += 1
                 for p in roles.values():
                     self.n_uses[("p", id(p))] += 1
                 self.uses.append(use)
-                out.register_hook(lambda g, use=use: self._on_grad(use, g))
+                if rule.streaming:
+                    target = leaf if isinstance(mod, torch.nn.Embedding) else out
+                    if self.copy_outputs and target is out and out is output:
+                        out = output.clone()  # the model may update it in place; the hook stays on the original
+                    target.register_hook(lambda g, use=use: self._on_grad(use, g))
+                    self.watched_outputs.append((target, target._version))
             return out if out is not output else None
         return hook
 
     # -- backward --------------------------------------------------------------------------
     def _on_grad(self, use, g):
-        use.b = g.detach().to(self.dtype)
-        use.a = use.a if use.kind == "embedding" else use.a.to(self.dtype)
-        if use.kind == "embedding" and use.padding_idx is not None:
-            use.b = use.b * (use.a != use.padding_idx)[..., None]
+        use.rule.grad_arrived(use, g, self)
+        self._consume(use)
+
+    def _consume(self, use):
         keep = False
         for role, p in use.roles.items():
             if self.n_uses[("p", id(p))] == 1:
@@ -157,11 +210,12 @@ class _Engine:
     def _single(self, use, role, p):
         name = f"{use.name}.{role}"
         P = self.precond.get(id(p))
-        ghostable = role == "weight" and use.kind in ("linear", "conv1d", "embedding") and P is None
-        if ghostable and (use.kind == "embedding" or ghost_cost_wins(use)):
+        rule = use.rule
+        if rule.ghost and role == "weight" and P is None and (
+                isinstance(rule, EmbeddingRule) or rule.cost_prefers_ghost(use)):
             self.products.ghost(name, use, use)
         else:
-            g = per_sample(use, role)
+            g = rule.per_sample(use, role)
             self.products.dots(name, g, g, P)
 
     def _shrink_head(self, use, role, p, arrived):
@@ -169,13 +223,15 @@ class _Engine:
         arrives and every use still to come is an embedding, take its self term now, keep only
         the T x T gathers of its output gradient at those embeddings' input ids, and free the
         (N, T, V) gradient."""
-        if use.kind != "linear" or role != "weight" or self.precond.get(id(p)) is not None:
+        head = isinstance(use.rule, LinearRule) and not use.rule.transposed
+        if not head or role != "weight" or self.precond.get(id(p)) is not None:
             return
         others = [u for u in self.uses if u is not use and any(q is p for q in u.roles.values())]
         waiting = [u for u in others if not any(u is w for w, _ in arrived)]
-        if not waiting or any(u.kind != "embedding" or u.roles.get("weight") is not p for u in waiting):
+        if not waiting or any(not isinstance(u.rule, EmbeddingRule) or u.roles.get("weight") is not p
+                              for u in waiting):
             return
-        if any(u.kind not in ("linear", "embedding") for u, _ in arrived):
+        if any(not isinstance(u.rule, (LinearRule, EmbeddingRule)) for u, _ in arrived):
             return
         name = "tied:" + self.selected[id(p)]
         self.products.ghost(name, use, use)
@@ -187,13 +243,14 @@ class _Engine:
         use.extra["gathered"] = {id(e): {(id(x), id(y)): gather_head(use.b, y, e.a, x) for ia, ib in pairs
                                          for x, y in ((ia, ib), (ib, ia))} for e in waiting}
         use.extra["done"] = True
-        use.b = None
+        if len(use.roles) == 1:  # a tied bias of the same use still needs its output gradient
+            use.b = None
 
     def _tied(self, p):
         arrived = self.pending.pop(id(p))
         name = "tied:" + self.selected[id(p)]
         P = self.precond.get(id(p))
-        if P is None and all(role == "weight" and u.kind in ("linear", "embedding", "conv1d") for u, role in arrived):
+        if P is None and all(role == "weight" and u.rule.ghost for u, role in arrived):
             for x, (u, _) in enumerate(arrived):
                 for v, _ in arrived[x:]:
                     if u.extra.get("done") and v.extra.get("done"):
@@ -202,32 +259,63 @@ class _Engine:
                     if v is not u:
                         self.products.ghost(name, v, u)
         else:
-            g = sum(per_sample(u, role) for u, role in arrived)
+            g = sum(u.rule.per_sample(u, role) for u, role in arrived)
             self.products.dots(name, g, g, P)
         for u, _ in arrived:
             if not any(u is w for group in self.pending.values() for w, _ in group):
                 u.a = u.b = None
 
+    def _forward(self, ids, mask, plan):
+        """One hooked forward; returns (s, called module names)."""
+        self.uses, self.leaves, self.pending, self.n_uses = [], [], {}, defaultdict(int)
+        self.looked_up, self.escaped, called, handles = {}, set(), set(), []
+        self.watched_outputs = []
+        watched = {id(m.weight): m for m in self.named.values() if isinstance(m, torch.nn.Embedding)}
+        embedding = torch.nn.functional.embedding
+
+        def recording_embedding(input, weight, *args, **kwargs):
+            if not self._replay and id(weight) in watched:
+                self.looked_up[id(watched[id(weight)])] = input
+            return embedding(input, weight, *args, **kwargs)
+
+        ancestors = {n for owners in self.owner.values() for mname in owners for n in _chain(mname)}
+        for mname, module in self.named.items():
+            if mname in plan or isinstance(module, torch.nn.Embedding):
+                _, rule, roles = plan.get(mname, (module, EmbeddingRule(), {}))
+                handles.append(module.register_forward_hook(self._forward_hook(mname, rule, roles), with_kwargs=True))
+            if mname in ancestors:
+                handles.append(module.register_forward_pre_hook(lambda m, a, n=mname: called.add(n)))
+        torch.nn.functional.embedding = recording_embedding
+        try:
+            s = lm.response_logps(self.model, ids, mask)  # (N,)
+        finally:
+            torch.nn.functional.embedding = embedding
+            for h in handles:
+                h.remove()
+        return s, called
+
     def run(self, ids, mask):
         """Forward, backward; returns the summed log-probs (N,)."""
-        handles, saved = [], {}
-        for mname, module in self.model.named_modules():
-            kind = module_kind(module)
-            if mname in self.modules or kind == "embedding":
-                roles = self.modules[mname][2] if mname in self.modules else {}
-                handles.append(module.register_forward_hook(self._forward_hook(mname, module, kind, roles)))
-        for p in self.model.parameters():
-            saved[p] = p.requires_grad
+        self.T = ids.shape[1]
+        saved = {p: p.requires_grad for p in self.model.parameters()}
+        for p in saved:
             p.requires_grad_(False)
         try:
             with torch.enable_grad():
-                s = lm.response_logps(self.model, ids, mask)  # (N,)
+                plan = self._plan()
+                s, called = self._forward(ids, mask, plan)
+                moved = self._reassign(called)  # parameters used functionally by an ancestor: hook that one
+                if any(t._version != v for t, v in self.watched_outputs):  # updated in place: its hook would not fire
+                    self.copy_outputs = moved = True
+                if moved:
+                    s, _ = self._forward(ids, mask, self._plan())
                 if not self.leaves:
                     raise GesimError("the model has no nn.Embedding module: the probe cannot start its backward")
                 torch.autograd.grad(s.sum(), self.leaves, allow_unused=True)
+                for use in [u for u in self.uses if not u.rule.streaming]:
+                    use.rule.finish(use, self)
+                    self._consume(use)
         finally:
-            for h in handles:
-                h.remove()
             for p, flag in saved.items():
                 p.requires_grad_(flag)
         used = {k[1] for k in self.n_uses if isinstance(k, tuple)}
@@ -240,16 +328,36 @@ class _Engine:
             for u in self.uses:
                 if (u.b is None and not u.extra.get("done") and any(q is p for q in u.roles.values())
                         and not any(u is w for w, _ in self.pending[pid])):
-                    u.b = torch.zeros((*u.a.shape[:2], _out_dim(u)), dtype=self.dtype, device=u.a.device)
-                    u.a = u.a if u.kind == "embedding" else u.a.to(self.dtype)
+                    u.rule.grad_arrived(u, torch.zeros(*_out_shape(u), dtype=self.dtype, device=s.device), self)
                     self.pending[pid].append((u, next(r for r, q in u.roles.items() if q is p)))
             self._tied(p)
         return s.detach()
 
+    def _reassign(self, called) -> bool:
+        """Move parameters whose owner was never called to their nearest called ancestor."""
+        used = {k[1] for k in self.n_uses if isinstance(k, tuple)}
+        moved = False
+        for pid, owners in self.owner.items():
+            if pid in used and pid not in self.escaped:
+                continue
+            for anc in _chain(min(owners, key=len))[1:]:
+                if anc in called:
+                    self.owner[pid], moved = {anc}, True
+                    break
+        return moved
 
-def _out_dim(use):
-    w = use.roles.get("weight")
-    return {"linear": lambda: w.shape[0], "conv1d": lambda: w.shape[1]}.get(use.kind, lambda: w.shape[-1])()
+
+def _chain(mname: str) -> list:
+    """The module and its ancestors, innermost first ('' is the root)."""
+    parts = mname.split(".") if mname else []
+    return [".".join(parts[:k]) for k in range(len(parts), -1, -1)]
+
+
+def _out_shape(use):
+    a = use.a
+    if isinstance(use.rule, EmbeddingRule):
+        return (*a.shape[:2], use.roles["weight"].shape[-1])
+    return (*a.shape[:2], use.rule.out_dim(use))
 
 
 def fast_pair_stats(model, batch: lm.PairBatch, params="all", precond=None, per_layer=False):

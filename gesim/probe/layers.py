@@ -1,14 +1,23 @@
-"""Per-layer pieces of the fast probe: which modules it understands, what it captures from
-each call ("use") and the exact products of per-sample gradients between two uses.
+"""Per-module rules of the fast probe: what each rule captures from a module call ("use"),
+the per-sample gradient it gives, and the exact products between uses (no kind strings).
 
-For a use with input activations ``A_i`` (T, d_in) and output gradients ``B_i`` (T, d_out)
-(``B = dS/d(output)``, one backward with respect to activations), the per-sample weight
-gradient is ``G_i = B_i^T A_i`` (nn.Linear; its transpose for HF Conv1D) and
+For a use with inputs ``A_i`` (T, d_in) and output gradients ``B_i = dS/d(output)`` (T, d_out)
+of row i (every non-batch, non-feature axis counts as a position: (N, T, H, hd) inputs and
+flattened (N*T, d) inputs are mapped back to rows), the per-sample weight gradient of a
+linear map is ``G_i = B_i^T A_i`` (its transpose for HF Conv1D) and
 ``<G_i, G_j> = sum_{t,s} (A_i A_j^T)[t,s] (B_i B_j^T)[t,s]`` (ghost, docs/theory.md section 8.2).
-Embedding: ``G_i = sum_t e_{x_it} c_it^T``, ``<G_i, G_j> = sum_{t,s} [x_it = x_js] c_it . c_js``.
-Embedding x linear head (tied weights, docs/theory.md section 8.4):
-``<E_i, H_j> = sum_{t,s} B_j[s, x_it] (c_it . a_js)``. Norms and biases: per-sample vectors
-``sum_t xhat_t * b_t`` and ``sum_t b_t`` (section 3.2.2).
+Embedding ``y_t = s W[x_t]`` (s = the module's ``embed_scale``, 1 if none; the looked-up ids
+are read from the ``F.embedding`` call itself, so OPT's positional embedding is exact):
+``G_i = sum_t e_{x_it} (s c_it)^T``, ``<G_i, G_j> = sum_{t,s} [x_it = x_js] s^2 c_it . c_js``;
+embedding x linear head (tied): ``<E_i, H_j> = sum_{t,s} B_j[s, x_it] (s c_it . a_js)``.
+
+Parameters used elementwise (every norm's weight and bias: RMSNorm with ``w`` or ``1 + w``,
+float32 internals, per-head q/k norms, Cohere's LayerNorm): the module is re-run once with each
+parameter expanded to the output's shape, ``J = d out / d w_expanded`` (diagonal, checked with
+a random cotangent) and ``g_i = sum_positions J_i * B_i``. Anything else (nn.Conv1d, MoE
+experts and routers, attention sinks, LoRA on embeddings, DoRA): the module is re-run row by
+row and ``g_i = (d out_i / d theta)^T B_i`` by autograd (exact, slower); a module whose row
+alone does not reproduce its row in the batch is refused with its name.
 """
 
 from __future__ import annotations
@@ -20,97 +29,315 @@ import torch
 from gesim.errors import GesimError
 
 
-def module_kind(module) -> str | None:
-    """'linear', 'conv1d', 'embedding', 'layernorm', 'rmsnorm' or None (not understood)."""
-    name = type(module).__name__
-    if isinstance(module, torch.nn.Linear):
-        return "linear"
-    if name == "Conv1D" and hasattr(module, "nf"):
-        return "conv1d"
-    if isinstance(module, torch.nn.Embedding):
-        return "embedding"
-    if isinstance(module, torch.nn.LayerNorm):
-        return "layernorm"
-    if name.endswith("RMSNorm") and hasattr(module, "weight"):
-        return "rmsnorm"
-    return None
+def rows_view(x: torch.Tensor, N: int, T: int, name: str, last: int = 1) -> torch.Tensor:
+    """``x`` as (N, positions, *x.shape[-last:]): rows first (N, ...) or flattened tokens (N*T, ...)."""
+    if x.shape[0] == N or (x.shape[0] % (N * T) == 0 and x.dim() == 1 + last):
+        return x.reshape(N, -1, *x.shape[x.dim() - last:])  # (N*T*k, ...): rows outermost, as reshape(-1, d) makes
+    raise GesimError(f"module {name}: input of shape {tuple(x.shape)} does not map to the batch's {N} rows "
+                     f"(neither ({N}, ...) nor flattened ({N * T}, ...)); the probe cannot split it per sample")
 
 
-def rms_xhat(module, x: torch.Tensor) -> torch.Tensor:
-    """x / rms(x) as HF Llama-style RMSNorm computes it (in float32, then back to x's dtype)."""
-    eps = getattr(module, "variance_epsilon", None)
-    if eps is None:
-        eps = getattr(module, "eps", None)
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
-    if type(module).__name__.startswith("Llama") or hasattr(module, "variance_epsilon"):
-        h = x.to(torch.float32)
-        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+def row_slicer(x, N: int, T: int):
+    """Row i of a module argument: dim 0 of size N -> x[i:i+1], of size N*T -> x[iT:(i+1)T], else x
+    (tuples and lists element by element, e.g. rotary (cos, sin))."""
+    if isinstance(x, (tuple, list)) and not hasattr(x, "_fields"):
+        parts = [row_slicer(v, N, T) for v in x]
+        return lambda i: type(x)(s(i) for s in parts)
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return lambda i: x
+    if x.shape[0] == N:
+        return lambda i: x[i:i + 1]
+    if x.shape[0] % (N * T) == 0 and x.shape[0] > 0:
+        k = x.shape[0] // N
+        return lambda i: x[i * k:(i + 1) * k]
+    return lambda i: x
+
+
+def map_tensors(out, fn):
+    """``out`` with ``fn`` applied to each float tensor (same order as :func:`tensors`)."""
+    if isinstance(out, torch.Tensor):
+        return fn(out) if out.is_floating_point() else out
+    if isinstance(out, dict):
+        for k in list(out.keys()):
+            out[k] = map_tensors(out[k], fn)
+        return out
+    if isinstance(out, (tuple, list)) and not hasattr(out, "_fields"):
+        return type(out)(map_tensors(o, fn) for o in out)
+    return out
+
+
+def tensors(out) -> list:
+    """The floating-point tensors in a module output (tensor, tuple, list, dict or ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in tensors(o)]
+    return []
 
 
 @dataclass
 class Use:
-    """One call of a hooked module: its kind, the selected parameters it touches by role
-    ('weight', 'bias'), and what backward needs (``a``: inputs, ids or xhat; ``b``: output grad)."""
+    """One call of a hooked module: its rule, the selected parameters by role (attribute name)
+    and what backward needs (``a``: inputs / ids / Jacobians; ``b``: output gradient)."""
 
     name: str
-    kind: str
+    rule: Rule
     module: torch.nn.Module
     roles: dict
-    a: torch.Tensor | None = None
-    b: torch.Tensor | None = None
-    padding_idx: int | None = None
+    a: object = None
+    b: object = None
     extra: dict = field(default_factory=dict)
 
 
-def per_sample(use: Use, role: str) -> torch.Tensor:
-    """Materialised per-sample gradient of ``use.roles[role]`` from this use: (N, *param.shape)."""
-    a, b = use.a, use.b
-    if role == "bias":
-        return b.sum(1)  # (N, d_out)
-    if use.kind == "linear":
-        return torch.einsum("nto,nti->noi", b, a)  # (N, d_out, d_in)
-    if use.kind == "conv1d":
-        return torch.einsum("nti,nto->nio", a, b)  # (N, d_in, d_out)
-    if use.kind in ("layernorm", "rmsnorm"):
-        return (a * b).sum(1)  # (N, d)
-    if use.kind == "embedding":
-        N, T, d = b.shape
-        V = use.roles["weight"].shape[0]
-        G = torch.zeros(N * V, d, dtype=b.dtype, device=b.device)
-        rows = (a + torch.arange(N, device=a.device)[:, None] * V).reshape(-1)
-        G.index_add_(0, rows, b.reshape(-1, d))
-        return G.view(N, V, d)
-    raise GesimError(f"no per-sample gradient rule for {use.kind}")
+class Rule:
+    """Base rule. ``ghost``: matrix products without per-sample gradients; ``streaming``: its
+    output gradient is consumed as it arrives (else after the backward pass)."""
+
+    ghost = False
+    streaming = True
+
+    def capture(self, use: Use, engine, args, kwargs, output):
+        raise NotImplementedError
+
+    def grad_arrived(self, use: Use, g: torch.Tensor, engine):
+        use.b = rows_view(g.detach(), engine.N, engine.T, use.name, use.a.dim() - 2).to(engine.dtype)
+
+    def per_sample(self, use: Use, role: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def product(self, u: Use, ia, v: Use, ib) -> torch.Tensor:
+        raise GesimError(f"no exact product rule between {u.name} ({type(u.rule).__name__}) and {v.name} "
+                         f"({type(v.rule).__name__})")
+
+    def out_dim(self, use: Use) -> int:
+        return use.roles["weight"].shape[-1]
 
 
-def ghost_cost_wins(use: Use) -> bool:
-    """Cost rule (docs/theory.md section 8.2): ghost when 3 T (d_in + d_out) < 2 d_in d_out."""
-    T, d_in, d_out = use.a.shape[1], use.a.shape[2], use.b.shape[2]
-    return 3 * T * (d_in + d_out) < 2 * d_in * d_out
-
-
-def _gram(x: torch.Tensor, ia, y: torch.Tensor, ib) -> torch.Tensor:
+def _gram(x, ia, y, ib):
     return torch.bmm(x[ia], y[ib].transpose(1, 2))  # (K, T, T)
 
 
-def ghost_product(u: Use, ia, v: Use, ib) -> torch.Tensor:
-    """<G^u_I, G^v_J> per index pair (K,) for the weight role, without forming any G."""
-    ku, kv = u.kind, v.kind
-    if ku in ("linear", "conv1d") and kv in ("linear", "conv1d"):
-        if ku != kv:
-            raise GesimError(f"tied weight used as both Linear and Conv1D ({u.name}, {v.name}): not supported")
+class LinearRule(Rule):
+    """nn.Linear (``transposed=False``, W is (d_out, d_in)) and HF Conv1D (W is (d_in, d_out))."""
+
+    ghost = True
+
+    def __init__(self, transposed=False):
+        self.transposed = transposed
+
+    def capture(self, use, engine, args, kwargs, output):
+        x = args[0] if args else kwargs["input"]
+        use.a = rows_view(x.detach(), engine.N, engine.T, use.name).to(engine.dtype)
+
+    def per_sample(self, use, role):
+        if role == "bias":
+            return use.b.sum(1)
+        if self.transposed:
+            return torch.einsum("nti,nto->nio", use.a, use.b)
+        return torch.einsum("nto,nti->noi", use.b, use.a)
+
+    def cost_prefers_ghost(self, use) -> bool:
+        """Cost rule (docs/theory.md section 8.2): ghost when 3 T (d_in + d_out) < 2 d_in d_out."""
+        T, d_in, d_out = use.a.shape[1], use.a.shape[2], use.b.shape[2]
+        return 3 * T * (d_in + d_out) < 2 * d_in * d_out
+
+    def product(self, u, ia, v, ib):
+        if isinstance(v.rule, EmbeddingRule):
+            return v.rule.product(v, ib, u, ia)
+        if not isinstance(v.rule, LinearRule) or v.rule.transposed != self.transposed:
+            return super().product(u, ia, v, ib)
         return (_gram(u.a, ia, v.a, ib) * _gram(u.b, ia, v.b, ib)).sum((1, 2))
-    if ku == "embedding" and kv == "embedding":
-        eq = u.a[ia][:, :, None] == v.a[ib][:, None, :]  # (K, T, T)
-        return (eq * _gram(u.b, ia, v.b, ib)).sum((1, 2))
-    if ku == "embedding" and kv == "linear":
-        gathered = v.extra["gathered"][id(u)][(id(ia), id(ib))] if v.b is None else gather_head(v.b, ib, u.a, ia)
-        return emb_head_from_gather(u.b, ia, v.a, ib, gathered)
-    if ku == "linear" and kv == "embedding":
-        return ghost_product(v, ib, u, ia)
-    raise GesimError(f"no exact product rule between a {ku} use ({u.name}) and a {kv} use ({v.name})")
+
+    def out_dim(self, use):
+        w = use.roles["weight"]
+        return w.shape[1] if self.transposed else w.shape[0]
+
+
+class EmbeddingRule(Rule):
+    """nn.Embedding and subclasses returning ``scale * W[ids]`` (checked on every call)."""
+
+    ghost = True
+
+    def capture(self, use, engine, args, kwargs, output):
+        module = use.module
+        ids = engine.looked_up.pop(id(module), None)
+        if ids is None:
+            raise GesimError(f"embedding {use.name} ({type(module).__name__}) did not call F.embedding on its weight")
+        scale = getattr(module, "embed_scale", 1.0)
+        scale = float(scale) if not isinstance(scale, torch.Tensor) else float(scale.detach().float())
+        want = torch.nn.functional.embedding(ids, module.weight.detach())
+        out = output.detach().reshape(want.shape) if output.numel() == want.numel() else None
+        if out is None or not torch.allclose(out, (want * scale).to(out.dtype), rtol=1e-3, atol=0):
+            raise GesimError(f"embedding {use.name} ({type(module).__name__}) returns something other than "
+                             "W[ids] * embed_scale: the probe has no exact rule for it")
+        if ids.numel() == engine.N * engine.T:
+            ids = ids.reshape(engine.N, engine.T)
+        else:
+            ids = ids.reshape(1, -1).expand(engine.N, -1)  # broadcast positions -> per row
+        use.a, use.extra["scale"] = ids, scale
+        use.extra["padding_idx"] = getattr(module, "padding_idx", None)
+
+    def grad_arrived(self, use, g, engine):
+        b = g.detach().to(engine.dtype).reshape(engine.N, use.a.shape[1], -1) * use.extra["scale"]
+        if use.extra["padding_idx"] is not None:
+            b = b * (use.a != use.extra["padding_idx"])[..., None]
+        use.b = b
+
+    def per_sample(self, use, role):
+        b, a = use.b, use.a
+        N, T, d = b.shape
+        V = use.roles["weight"].shape[0]
+        G = torch.zeros(N * V, d, dtype=b.dtype, device=b.device)
+        G.index_add_(0, (a + torch.arange(N, device=a.device)[:, None] * V).reshape(-1), b.reshape(-1, d))
+        return G.view(N, V, d)
+
+    def product(self, u, ia, v, ib):
+        if isinstance(v.rule, EmbeddingRule):
+            eq = u.a[ia][:, :, None] == v.a[ib][:, None, :]  # (K, T, T)
+            return (eq * _gram(u.b, ia, v.b, ib)).sum((1, 2))
+        if isinstance(v.rule, LinearRule) and not v.rule.transposed:
+            gathered = v.extra["gathered"][id(u)][(id(ia), id(ib))] if v.b is None else gather_head(v.b, ib, u.a, ia)
+            return emb_head_from_gather(u.b, ia, v.a, ib, gathered)
+        return super().product(u, ia, v, ib)
+
+
+class LayerNormRule(Rule):
+    """nn.LayerNorm: ``y = xhat * w + beta``, per-sample ``sum_t xhat_t * b_t`` and ``sum_t b_t``."""
+
+    def capture(self, use, engine, args, kwargs, output):
+        m = use.module
+        xhat = torch.nn.functional.layer_norm(args[0].detach(), m.normalized_shape, None, None, m.eps)
+        use.a = rows_view(xhat, engine.N, engine.T, use.name, len(m.normalized_shape)).to(engine.dtype)
+
+    def per_sample(self, use, role):
+        return use.b.sum(1) if role == "bias" else (use.a * use.b).sum(1)
+
+
+class ElementwiseRule(Rule):
+    """Parameters acting elementwise on the output (norm weights and biases of any flavour):
+    ``J = d out / d w_expanded`` from one re-run, diagonal by a random-cotangent check."""
+
+    def capture(self, use, engine, args, kwargs, output):
+        if not isinstance(output, torch.Tensor):
+            return False
+        shape = tuple(output.shape)
+        if any(tuple(p.shape) != shape[len(shape) - p.dim():] for p in use.roles.values()):
+            return False
+        args, kwargs = engine.detached(args), engine.detached(kwargs)
+        expanded = {r: p.detach().expand(shape).clone().requires_grad_() for r, p in use.roles.items()}
+        try:
+            with torch.enable_grad(), engine.replaying():
+                out = torch.func.functional_call(use.module, expanded, args, kwargs, strict=False)
+                J = torch.autograd.grad(out, list(expanded.values()), torch.ones_like(out), retain_graph=True)
+                gen = torch.Generator(device=out.device).manual_seed(0)  # never the global stream
+                r = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+                v = torch.autograd.grad(out, list(expanded.values()), r)
+        except (RuntimeError, TypeError, ValueError):
+            return False
+        if not close(out, output) or any(not close(vv, j * r) for vv, j in zip(v, J)):
+            return False
+        use.a = {role: j.to(engine.dtype) for role, j in zip(use.roles, J)}
+        use.extra["NT"] = (engine.N, engine.T)
+        return True
+
+    def grad_arrived(self, use, g, engine):
+        use.b = g.detach().to(engine.dtype)
+
+    def per_sample(self, use, role):
+        N, T = use.extra["NT"]
+        k = use.roles[role].dim()
+        return (rows_view(use.a[role], N, T, use.name, k) * rows_view(use.b, N, T, use.name, k)).sum(1)
+
+
+class RowRule(Rule):
+    """Any module: re-run row by row, ``g_i = (d out_i / d theta)^T B_i`` by autograd."""
+
+    streaming = False
+
+    def capture(self, use, engine, args, kwargs, output):
+        """Keeps the inputs; returns the output with each float tensor replaced by an alias whose
+        gradient is the one from outside the module (an output computed from another output,
+        like a router's scores from its logits, must not count that path twice)."""
+        params = {id(p) for p in use.roles.values()}
+        escaped = [t for t in tensors(output) if id(t) in params]
+        if escaped:  # a parameter returned as such is used by the caller: differentiate through the caller
+            engine.escaped.update(id(t) for t in escaped)
+        use.a = (engine.detached(args), engine.detached(kwargs), [t.detach() for t in tensors(output)])
+        use.b = [None] * len(use.a[2])
+        count = iter(range(len(use.a[2])))
+
+        def alias(t):
+            k = next(count)
+            if not t.requires_grad:
+                return t
+            t = t.clone() if engine.copy_outputs else t.view_as(t)
+            t.register_hook(lambda g: use.b.__setitem__(k, g.detach()))
+            engine.watched_outputs.append((t, t._version))
+            return t
+        return map_tensors(output, alias)
+
+    def finish(self, use, engine):
+        """After the backward pass: per-sample gradients of every role, (N, *shape)."""
+        args, kwargs, outs = use.a
+        N, T = engine.N, engine.T
+        slicers = ([row_slicer(a, N, T) for a in args], {k: row_slicer(v, N, T) for k, v in kwargs.items()})
+        out_slicers = [row_slicer(o, N, T) for o in outs]
+        for g, o in zip(use.b, outs):
+            if g is not None and (o.dim() == 0 or (o.shape[0] != N and o.shape[0] % (N * T))):
+                raise GesimError(f"module {use.name} ({type(use.module).__name__}) returns a tensor of shape "
+                                 f"{tuple(o.shape)} that is not split by rows ({N} or {N * T} first): its "
+                                 "parameters have no per-sample gradient the probe can separate")
+        grads = [g if g is not None else torch.zeros_like(o) for g, o in zip(use.b, outs)]
+        names = list(use.roles)
+        per = {r: [] for r in names}
+        for i in range(N):
+            theta = {r: p.detach().clone().requires_grad_() for r, p in use.roles.items()}
+            a_i = [s(i) for s in slicers[0]]
+            k_i = {k: s(i) for k, s in slicers[1].items()}
+            try:
+                with torch.enable_grad(), engine.replaying():
+                    got = tensors(torch.func.functional_call(use.module, theta, tuple(a_i), k_i, strict=False))
+            except (RuntimeError, TypeError, ValueError, IndexError) as err:
+                raise GesimError(f"module {use.name} ({type(use.module).__name__}): cannot be re-run on one row "
+                                 f"({type(err).__name__}: {str(err).splitlines()[0][:120]}); no exact per-sample "
+                                 "gradient for its parameters " + ", ".join(use.roles)) from None
+            want = [s(i) for s in out_slicers]
+            if len(got) != len(want) or any(g.shape != w.shape or not close(g, w) for g, w in zip(got, want)):
+                raise GesimError(f"module {use.name} ({type(use.module).__name__}): row {i} run alone does not "
+                                 "reproduce its row in the batch (rows interact); no exact per-sample gradient")
+            pairs = [(g, s(i)) for g, s, o in zip(got, [row_slicer(x, N, T) for x in grads], outs) if g.requires_grad]
+            gs = torch.autograd.grad([g for g, _ in pairs], list(theta.values()), [c for _, c in pairs],
+                                     allow_unused=True) if pairs else [None] * len(names)
+            for r, g in zip(names, gs):
+                per[r].append(torch.zeros_like(theta[r]) if g is None else g.detach())
+        use.b = {r: torch.stack(v).to(engine.dtype) for r, v in per.items()}
+
+    def per_sample(self, use, role):
+        return use.b[role]
+
+
+def close(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal up to the rounding of x's dtype (a re-run of the same module on the same input)."""
+    if x.shape != y.shape:
+        return False
+    tol = {torch.float64: 1e-6, torch.float32: 1e-4}.get(x.dtype, 2e-2)  # float64 models may round parts in float32
+    return bool(torch.allclose(x, y.to(x.dtype), rtol=tol, atol=tol * float(y.abs().max().clamp_min(1e-30))))
+
+
+def rule_for(module) -> Rule:
+    """The rule for a module that owns selected parameters (tried elementwise first, then by rows)."""
+    if isinstance(module, torch.nn.Linear) and type(module).forward is torch.nn.Linear.forward:
+        return LinearRule()  # (a subclass with its own forward, e.g. Llama 4's router, is replayed instead)
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return LinearRule(transposed=True)
+    if isinstance(module, torch.nn.Embedding):
+        return EmbeddingRule()
+    if isinstance(module, torch.nn.LayerNorm) and module.elementwise_affine and \
+            type(module).forward is torch.nn.LayerNorm.forward:
+        return LayerNormRule()
+    return ElementwiseRule()
 
 
 def gather_head(head_b: torch.Tensor, ib, ids: torch.Tensor, ia) -> torch.Tensor:

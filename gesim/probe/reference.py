@@ -16,11 +16,12 @@ from gesim.errors import GesimError
 
 def selected_named(model, params="all") -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) to differentiate: ``"all"`` trainable ones, ``"lora"`` (name contains
-    'lora_'), or a predicate ``f(name, param) -> bool``; a tied parameter appears once."""
+    'lora_', or a PEFT ``modules_to_save`` copy: trained with the adapter), or a predicate
+    ``f(name, param) -> bool``; a tied parameter appears once."""
     if params == "all":
         keep = lambda name, p: p.requires_grad  # noqa: E731
-    elif params == "lora":
-        keep = lambda name, p: "lora_" in name  # noqa: E731
+    elif params == "lora":  # the adapter's trainable parameters: LoRA/DoRA factors and PEFT modules_to_save copies
+        keep = lambda name, p: "lora_" in name or ".modules_to_save." in name  # noqa: E731
     elif callable(params):
         keep = params
     else:

@@ -173,6 +173,7 @@ def run_probe(args) -> int:
     summary = {
         "model": str(args.model), "data": str(args.data), "pairs": len(rows), "rows_read": read.n_read,
         "skipped": {**dict(read.skipped), **dict(enc.skipped)}, "truncated": enc.truncated,
+        "prompt_not_prefix": enc.prefix_cut,
         "pad_token": enc.pad_note or "tokenizer pad token", "processes": world,
         "means": {k: float(np.mean([r[k] for r in rows])) for k in ("ip", "nw2", "nl2", "cos", "ches", "ln_ches")},
         "regime_fractions": fractions, "token_gram": grams, "out": args.out,
@@ -181,7 +182,7 @@ def run_probe(args) -> int:
         print(json.dumps(output.to_jsonable(summary), indent=2))
     else:
         print(f"pairs {summary['pairs']} of {read.n_read} rows; skipped {summary['skipped'] or 0}; "
-              f"truncated {enc.truncated}")
+              f"truncated {enc.truncated}; prompt not a prefix of prompt + response (trl's rule) {enc.prefix_cut}")
         print("means  " + "  ".join(f"{k} {v:.6g}" for k, v in summary["means"].items()))
         for name, fr in fractions.items():
             print(f"{name:<10} " + "  ".join(f"{k} {v:.3f}" for k, v in fr.items()))
