@@ -46,7 +46,7 @@ DTYPES = ("float32", "bfloat16", "float64")
 PROBE_BACKENDS = ("auto", "fast", "func", "reference")
 
 #: Mitigation methods compared in the methods figures (:mod:`gesim.methods`), plain DPO first.
-MITIGATIONS = ("dpo", "pngd", "calibrated", "token_mask", "fish_disentangle", "rpo")
+MITIGATIONS = ("dpo", "pngd", "calibrated", "token_mask", "fish_disentangle", "rpo", "dpop", "cpo")
 
 #: Devices a command may be asked for; the figure runner also accepts "auto".
 DEVICES = ("cpu", "cuda")

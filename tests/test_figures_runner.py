@@ -68,7 +68,7 @@ def test_runner_jobs_give_the_same_figures(tmp_path):
 
 
 def test_outdir_that_is_a_file_is_refused_before_any_figure_is_drawn(tmp_path, capsys, monkeypatch):
-    import gesim.figures.__main__ as runner
+    import gesim.figures._run as runner
 
     monkeypatch.setattr(runner, "run_one", lambda *a: pytest.fail("a figure was drawn"))
     (tmp_path / "f").write_text("")
@@ -89,3 +89,15 @@ def test_loss_colours_never_repeat_however_many_losses():
     endless = [plotting.palette_color(i)[:3] for i in range(1000)]
     assert len(set(endless)) == 1000
     assert plotting.loss_color("not_a_loss") == plotting.loss_color("not_a_loss")
+
+
+def test_workers_run_under_python_dash_m(tmp_path):
+    # spawned workers must find their function outside the package's __main__ (it is not re-imported)
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "gesim.figures", "--only", "fish_expansion,first_order_error",
+                           "--jobs", "2", "--outdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert all((tmp_path / f"{n}.json").is_file() for n in ("fish_expansion", "first_order_error"))

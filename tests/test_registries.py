@@ -40,7 +40,7 @@ def test_every_cli_choices_comes_from_a_registry():
 
 def test_implementations_agree_with_the_registries():
     from gesim import policies
-    from gesim.figures import methods as method_figures
+    from gesim.methods import mitigation
     from gesim.probe import api, runner
     from gesim.transformer import data, train
 
@@ -51,7 +51,7 @@ def test_implementations_agree_with_the_registries():
     assert tuple(train.AMP) == registries.AMP
     assert tuple(api.BACKENDS) == registries.PROBE_BACKENDS
     assert tuple(runner.DTYPES) == registries.DTYPES
-    assert tuple(method_figures.METHODS) == registries.MITIGATIONS
+    assert tuple(mitigation.METHODS) == registries.MITIGATIONS
 
 
 @pytest.mark.parametrize("name", list(registries.RULES))

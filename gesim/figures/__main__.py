@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import sys
-import time
 from pathlib import Path
 
 from gesim import figures, registries, threads
 from gesim.errors import GesimError, OneLineParser, one_line
-from gesim.output import check_out_dir, write_json
+from gesim.figures._run import run_group
+from gesim.output import check_out_dir
 
 PROG = "python -m gesim.figures"
 
@@ -49,31 +48,6 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not cuda:
         raise GesimError("--device cuda was asked for but no CUDA device is available")
     return "cuda" if cuda else "cpu"
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for mod in ("gesim", "numpy", "sympy", "matplotlib", "torch", "transformers"):
-        if mod in sys.modules:
-            out[mod] = getattr(sys.modules[mod], "__version__", "?")
-    return out
-
-
-def run_one(fig: figures.Figure, args, device: str) -> float:
-    ctx = figures.Context(fig.name, args.mode, args.seed, device)
-    t0 = time.perf_counter()
-    drawn, data = fig.fn(ctx)
-    wall = time.perf_counter() - t0
-    from gesim import plotting
-
-    stem = args.outdir / fig.name
-    plotting.save(drawn, stem)
-    write_json(stem.with_suffix(".json"), {
-        "figure": fig.name, "description": fig.description, "mode": args.mode, "seed": args.seed,
-        "figure_seed": ctx.figure_seed, "device": device, "gpu": device == "cuda",
-        "command": f"python -m gesim.figures --only {fig.name} --mode {args.mode} --seed {args.seed}",
-        "wall_time_s": round(wall, 3), "versions": versions(), "data": data})
-    return wall
 
 
 def main(argv=None) -> int:
@@ -131,18 +105,6 @@ def plan(chosen: list, outdir: Path, jobs: int) -> list[list[str]]:
         return total
 
     return sorted(groups.values(), key=cost, reverse=True)
-
-
-def run_group(names: list[str], args, device: str) -> list[tuple[str, float | None, str | None]]:
-    """Run figures ``names`` one after another: (name, wall seconds, None) or (name, None, error)."""
-    threads.configure()
-    registry, out = figures.registry(), []
-    for name in names:
-        try:
-            out.append((name, run_one(registry[name], args, device), None))
-        except GesimError as err:
-            out.append((name, None, str(err)))
-    return out
 
 
 def _results(groups, args, device, jobs):

@@ -23,10 +23,10 @@ import dataclasses
 
 import numpy as np
 
-from gesim import claims
+from gesim import claims, registries
 from gesim.errors import unknown
 
-METHODS = ("dpo", "pngd", "calibrated", "token_mask", "fish_disentangle", "rpo", "dpop", "cpo")
+METHODS = registries.MITIGATIONS
 STRUCTURE = "long-suffix"
 KEYS = ("dlw", "dll", "margin_change", "pair_ideal_fraction", "batch_ideal_fraction", "cos_mean")
 

@@ -12,7 +12,7 @@ Per seed (:func:`tax_seed`, on the harness of :mod:`gesim.methods.harness`):
 Comparisons at equal tax use a method's *front*: ``front_at(points, t)`` is the highest reward
 on the piecewise-linear curve through ``points`` (in path order) at tax <= t, the reward of
 its lowest-tax point when t lies below the whole curve (generous to the reference front).
-Claims, per seed (Lin et al. 2024; Lu et al. 2024; seed-methods.md sections 1-2):
+Claims, per seed (Lin et al. 2024; Lu et al. 2024; docs/theory.md sections 6.5-6.6):
 
 1. averaging beats early stopping: reward_avg(a) - front_at(early stopping, tax_avg(a)) > 0;
 2. HMA beats averaging at the same mean ratio: reward_hma(a) - front_at(averaging, tax_hma(a)) > 0
