@@ -48,7 +48,13 @@ def pair_stats(model, batch: lm.PairBatch, params="all", backend: str = "auto", 
             from gesim.probe.func import func_pair_stats
             return func_pair_stats(model, batch, params, precond=precond)
         from gesim.probe.fast import fast_pair_stats
-        return fast_pair_stats(model, batch, params, precond=precond, per_layer=per_layer)
+        try:
+            return fast_pair_stats(model, batch, params, precond=precond, per_layer=per_layer)
+        except (TypeError, IndexError, KeyError, AttributeError, ValueError) as err:
+            # A model whose forward the fast probe's hooks do not follow: a clear refusal, never
+            # a raw traceback (the families matrix lists the known cases).
+            raise GesimError(f"the fast probe could not follow {type(model).__name__} "
+                             f"({type(err).__name__}: {err}); backend='reference' uses plain autograd") from err
     finally:
         model.train(was_training)
 
