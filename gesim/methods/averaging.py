@@ -199,11 +199,22 @@ def fit_hma(model: torch.nn.Module, theta0, theta, ids: torch.Tensor, mask: torc
     theta0, theta = ({n: d[n].detach() for n in names} for d in (theta0, theta))
     block_of = blocks(names, k)
     s = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    ratios, history, losses, state = _fit_ratios(
+        model, ids, mask, s, lambda s: hma_ratios(s, a), lambda r: average_blocks(theta0, theta, r, block_of),
+        lambda r: l1 * (r[1:-1] - a).abs().sum(), steps, lr, seed, batch_size)
+    return {"ratios": ratios.tolist(), "nll": history, "loss": losses, "state": state}
+
+
+def _fit_ratios(model, ids, mask, s, ratios_of, merge, penalty, steps, lr, seed, batch_size):
+    """Adam on block logits ``s``: minimise NLL(merge(ratios_of(s))) + penalty(ratios) over the
+    tokens ``mask`` marks (position 0 excluded: nothing predicts it), on minibatches of
+    ``batch_size`` rows drawn with ``seed`` (full batch by default). Returns (fitted ratios,
+    full-batch NLL per token at s_0 .. s_steps, the minimised objective per step, merged state)."""
     opt = torch.optim.Adam([s], lr=lr)
     gen = torch.Generator().manual_seed(seed)
 
     def nll(ratios, rows):
-        merged = lm.at_params(model, average_blocks(theta0, theta, ratios, block_of))
+        merged = lm.at_params(model, merge(ratios))
         m = mask[rows].clone()
         m[:, 0] = 0  # nothing predicts position 0
         return -lm.response_logps(merged, ids[rows], m).sum() / m.sum().clamp_min(1)
@@ -212,9 +223,9 @@ def fit_hma(model: torch.nn.Module, theta0, theta, ids: torch.Tensor, mask: torc
     history, losses = [], []
     for _ in range(steps):
         rows = everything if batch_size is None else torch.randperm(len(ids), generator=gen)[:batch_size]
-        ratios = hma_ratios(s, a)
+        ratios = ratios_of(s)
         fit = nll(ratios, rows)
-        loss = fit + l1 * (ratios[1:-1] - a).abs().sum()
+        loss = fit + penalty(ratios)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -223,11 +234,11 @@ def fit_hma(model: torch.nn.Module, theta0, theta, ids: torch.Tensor, mask: torc
             with torch.no_grad():
                 fit = nll(ratios.detach(), everything)
         history.append(float(fit.detach()))
-    ratios = hma_ratios(s.detach(), a)
+    ratios = ratios_of(s.detach())
     with torch.no_grad():
         history.append(float(nll(ratios, everything)))
-        state = {n: t.detach() for n, t in average_blocks(theta0, theta, ratios, block_of).items()}
-    return {"ratios": ratios.tolist(), "nll": history, "loss": losses, "state": state}
+        state = {n: t.detach() for n, t in merge(ratios).items()}
+    return ratios, history, losses, state
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,34 +356,10 @@ def fit_hma_authors(model: torch.nn.Module, theta0, theta, ids: torch.Tensor, ma
     module_block = {n.rsplit(".", 1)[0]: k for n, k in block_of.items()}
     s = torch.full((K,), float(torch.logit(torch.tensor(w, dtype=torch.float64))), dtype=torch.float64,
                    requires_grad=True)
-    opt = torch.optim.Adam([s], lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-
-    def nll(ratios, rows):
-        merged = lm.at_params(model, merge_authors(theta0, theta, ratios, block_of, fixed, a))
-        m = mask[rows].clone()
-        m[:, 0] = 0
-        return -lm.response_logps(merged, ids[rows], m).sum() / m.sum().clamp_min(1)
-
-    everything = torch.arange(len(ids))
-    history, losses = [], []
-    for _ in range(steps):
-        rows = everything if batch_size is None else torch.randperm(len(ids), generator=gen)[:batch_size]
-        ratios = hma_ratios_authors(s, a, eps)
-        fit = nll(ratios, rows)
-        penalty = sum(c * ((1 - ratios[module_block[m]]) - w).abs() for m, c in scale.items())
-        loss = fit + reg * penalty
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        if batch_size is not None:
-            with torch.no_grad():
-                fit = nll(ratios.detach(), everything)
-        history.append(float(fit.detach()))
-    ratios = hma_ratios_authors(s.detach(), a, eps)
-    with torch.no_grad():
-        history.append(float(nll(ratios, everything)))
-        state = {n: t.detach() for n, t in merge_authors(theta0, theta, ratios, block_of, fixed, a).items()}
+    ratios, history, losses, state = _fit_ratios(
+        model, ids, mask, s, lambda s: hma_ratios_authors(s, a, eps),
+        lambda r: merge_authors(theta0, theta, r, block_of, fixed, a),
+        lambda r: reg * sum(c * ((1 - r[module_block[m]]) - w).abs() for m, c in scale.items()),
+        steps, lr, seed, batch_size)
     return {"ratios": ratios.tolist(), "sft_weights": (1 - ratios).tolist(), "blocks": block_of, "nll": history,
             "loss": losses, "state": state}
