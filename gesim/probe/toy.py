@@ -67,8 +67,10 @@ def toy_rows(n: int, seed: int = 0, prompt_len=(2, 6), response_len=(2, 10), sha
         chosen = words(rng.randint(*response_len))
         keep = int(len(chosen) * shared)
         rejected = chosen[:keep] + words(max(1, rng.randint(*response_len) - keep))
-        rows.append({"prompt": " ".join(words(rng.randint(*prompt_len))), "chosen": " ".join(chosen),
-                     "rejected": " ".join(rejected)})
+        # responses open with a space, as trl expects: trl joins prompt + response as strings, so
+        # without it the prompt's last word and the response's first would merge into one token
+        rows.append({"prompt": " ".join(words(rng.randint(*prompt_len))), "chosen": " " + " ".join(chosen),
+                     "rejected": " " + " ".join(rejected)})
     return rows
 
 
