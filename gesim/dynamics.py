@@ -48,11 +48,22 @@ def geometry(g_w, g_l, precond=None) -> dict:
     return {"ip": ip, "nw2": nw2, "nl2": nl2, **cos_rho(ip, nw2, nl2)}
 
 
+def cosine(ip, nw2, nl2):
+    """cos(g_w, g_l) = ip / (||g_w|| ||g_l||), for floats, numpy arrays or torch tensors alike.
+
+    The norms are taken before the product: sqrt(nw2 nl2) underflows to 0 (and cos to inf)
+    when both squared norms are tiny, e.g. 1e-170 each, though the cosine is well defined.
+    NaN (or inf) where a norm is zero.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ip / (nw2**0.5 * nl2**0.5)
+
+
 def cos_rho(ip, nw2, nl2) -> dict:
-    """cos = ip / sqrt(nw2 nl2) and rho = ||g_w|| / ||g_l|| (NaN where a norm is zero)."""
+    """cos = :func:`cosine` and rho = ||g_w|| / ||g_l|| (NaN where a norm is zero)."""
     ip, nw2, nl2 = (np.asarray(x, float) for x in (ip, nw2, nl2))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return {"cos": ip / np.sqrt(nw2 * nl2), "rho": np.sqrt(nw2 / nl2)}
+        return {"cos": cosine(ip, nw2, nl2), "rho": np.sqrt(nw2) / np.sqrt(nl2)}
 
 
 def batch_first_order(d_w, d_l, gram_ww, gram_wl, gram_ll, eta=1.0):

@@ -242,3 +242,17 @@ def test_preconditioned_step_uses_the_p_weighted_inner_products():
     pred = regimes.first_order(d_w, d_l, geo["ip"], geo["nw2"], geo["nl2"], eta)
     assert pred[0] == pytest.approx(g_w @ u) and pred[1] == pytest.approx(g_l @ u)
     assert geo["cos"] == pytest.approx(geo["ip"] / math.sqrt(geo["nw2"] * geo["nl2"]))
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1.0, 1e160])
+def test_cosine_is_scale_free_and_does_not_underflow(scale):
+    # cos is invariant to scaling ip, nw2, nl2 together; the product nw2 nl2 underflows to 0 at
+    # scale 1e-170 (3.6e-339) and overflows to inf at 1e160 (3.6e321); norms taken first do not.
+    import torch
+
+    from gesim import dynamics
+
+    ip, nw2, nl2 = 3.0, 4.0, 9.0  # cos = 3 / (2 * 3) = 0.5
+    assert dynamics.cosine(ip * scale, nw2 * scale, nl2 * scale) == pytest.approx(0.5, rel=1e-12)
+    t = dynamics.cosine(*(torch.tensor([v * scale], dtype=torch.float64) for v in (ip, nw2, nl2)))
+    assert float(t) == pytest.approx(0.5, rel=1e-12)

@@ -24,7 +24,7 @@ from collections import defaultdict
 
 import torch
 
-from gesim import lm
+from gesim import dynamics, lm
 from gesim.errors import GesimError
 from gesim.probe.layers import ElementwiseRule, EmbeddingRule, LinearRule, RowRule, Use, gather_head, rule_for, tensors
 from gesim.probe.reference import precond_vector, selected_named  # noqa: F401 (precond checks)
@@ -368,7 +368,7 @@ def fast_pair_stats(model, batch: lm.PairBatch, params="all", precond=None, per_
     engine = _Engine(model, params, 2 * B, {"ip": (ia, ib), "nw2": (ia, ia), "nl2": (ib, ib)}, precond)
     s = engine.run(ids, mask)
     out = {k: v for k, v in engine.products.total.items()}
-    out["cos"] = out["ip"] / (out["nw2"] * out["nl2"]).sqrt()
+    out["cos"] = dynamics.cosine(out["ip"], out["nw2"], out["nl2"])
     out["lw"], out["ll"] = s[:B].to(out["ip"].dtype), s[B:].to(out["ip"].dtype)
     if per_layer:
         out["layers"] = dict(engine.products.layers)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad, vmap
 
-from gesim import lm
+from gesim import dynamics, lm
 from gesim.probe.reference import precond_vector, selected_named
 
 
@@ -58,7 +58,7 @@ def func_pair_stats(model, batch: lm.PairBatch, params="all", precond=None):
     PG = G if P is None else G * P
     g_w, g_l, pg_w, pg_l = G[:B], G[B:], PG[:B], PG[B:]
     out = {"ip": (g_w * pg_l).sum(1), "nw2": (g_w * pg_w).sum(1), "nl2": (g_l * pg_l).sum(1)}
-    out["cos"] = out["ip"] / (out["nw2"] * out["nl2"]).sqrt()
+    out["cos"] = dynamics.cosine(out["ip"], out["nw2"], out["nl2"])
     with torch.no_grad():
         out["lw"], out["ll"] = lm.pair_logps(model, batch)
     return out

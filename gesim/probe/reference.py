@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gesim import lm
+from gesim import dynamics, lm
 from gesim.errors import GesimError
 
 
@@ -79,7 +79,7 @@ def reference_pair_stats(model, batch: lm.PairBatch, params="all", precond=None)
                            ("lw", lw.detach()), ("ll", ll.detach())):
             out[key].append(value)
     stats = {k: torch.stack(v) for k, v in out.items()}
-    stats["cos"] = stats["ip"] / (stats["nw2"] * stats["nl2"]).sqrt()
+    stats["cos"] = dynamics.cosine(stats["ip"], stats["nw2"], stats["nl2"])
     return stats
 
 

@@ -31,7 +31,7 @@ import math
 import numpy as np
 import torch
 
-from gesim import regimes, symbolic
+from gesim import dynamics, regimes, symbolic
 from gesim.simulate import optim
 
 
@@ -205,8 +205,7 @@ def _record(cfg, logp, geo, d_w, d_l, own) -> dict:
     ew, el = (d_w, d_l) if own else (geo[:, 3], geo[:, 4])
     pred_dlw, pred_dll = regimes.first_order(ew, el, ip, nw2, nl2, cfg.eta)
     real_dlw, real_dll = logp[1:, 0] - lw, logp[1:, 1] - ll
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cos = ip / np.sqrt(nw2 * nl2)
+    cos = dynamics.cosine(ip, nw2, nl2)
     return {"lw": lw, "ll": ll, "margin": lw - ll, "d_w": d_w, "d_l": d_l, "ip": ip, "nw2": nw2, "nl2": nl2,
             "cos": cos, "pred_dlw": pred_dlw, "pred_dll": pred_dll, "real_dlw": real_dlw, "real_dll": real_dll,
             "pred_regime": regimes.regime_codes(pred_dlw, pred_dll, d_w, d_l),
