@@ -234,12 +234,12 @@ def disentangle_objective(loss: str = "dpo", params: dict | None = None, alpha: 
     lossfn, params = registry.get(loss), params or {}
     gen = torch.Generator().manual_seed(seed)
 
-    def objective(model, batch, ref_w, ref_l, len_w, len_l):
+    def objective(model, batch, lw_ref, ll_ref, len_w, len_l):
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         with torch.no_grad():
             lw, ll = lm.pair_logps(model, batch)
         a_, b_ = lw.detach().requires_grad_(True), ll.detach().requires_grad_(True)
-        total = lossfn("torch", a_, b_, ref_w, ref_l, len_w, len_l, **params).sum()
+        total = lossfn("torch", a_, b_, lw_ref, ll_ref, len_w, len_l, **params).sum()
         dLa, dLb = torch.autograd.grad(total, (a_, b_), allow_unused=True)
         d_w = (-dLa if dLa is not None else torch.zeros_like(lw)).detach() / len(batch)
         d_l = (dLb if dLb is not None else torch.zeros_like(ll)).detach() / len(batch)

@@ -211,7 +211,7 @@ def prefer(model, cfg: TaxConfig, held: dict, opt, seed: int, loss: str = "dpo")
     m = cfg.model
     train = train_pairs(cfg, seed)
     with torch.no_grad():
-        ref_w, ref_l = lm.pair_logps(model, train)
+        lw_ref, ll_ref = lm.pair_logps(model, train)
     len_w, len_l = train.chosen_mask.sum(1), train.rejected_mask.sum(1)
     objective = pair_objective(loss, {})
     g = torch.Generator().manual_seed(seed + 3)
@@ -220,7 +220,7 @@ def prefer(model, cfg: TaxConfig, held: dict, opt, seed: int, loss: str = "dpo")
         rows = torch.randint(0, len(train), (m.batch,), generator=g).to(m.device)
         sub = lm.PairBatch(*(t[rows] for t in (train.chosen_ids, train.rejected_ids, train.chosen_mask,
                                                  train.rejected_mask)))
-        L = objective(model, sub, ref_w[rows], ref_l[rows], len_w[rows], len_l[rows])
+        L = objective(model, sub, lw_ref[rows], ll_ref[rows], len_w[rows], len_l[rows])
         opt.zero_grad()
         L.backward()
         opt.step()

@@ -58,7 +58,7 @@ class TokenMask(torch.nn.Module):
             raise GesimError("token masking needs ref_model, a frozen copy of the reference (SFT) model")
         lossfn, params = losses.get(loss), params or {}
 
-        def objective(model, batch, ref_w, ref_l, len_w, len_l):
+        def objective(model, batch, lw_ref, ll_ref, len_w, len_l):
             lw, ll, mean_m = self.masked_logps(model, batch)
             rw, rl, _ = self.masked_logps(ref_model, batch)
             return lossfn("torch", lw, ll, rw, rl, len_w, len_l, **params).mean() + self.lam * mean_m

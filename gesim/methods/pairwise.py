@@ -100,11 +100,11 @@ def _reweighted_objective(loss: str, params: dict, weights):
     """Surrogate mean_i(-a_i lw_i + b_i ll_i), a and b from ``weights(d_w, d_l, stats)`` held constant."""
     lossfn = losses.get(loss)
 
-    def objective(model, batch, ref_w, ref_l, len_w, len_l):
+    def objective(model, batch, lw_ref, ll_ref, len_w, len_l):
         stats = probe.pair_stats(model, batch)  # exact per-pair ip, nw2, nl2 (no graph)
         lw, ll = lm.pair_logps(model, batch)
         a_, b_ = lw.detach().requires_grad_(True), ll.detach().requires_grad_(True)
-        L = lossfn("torch", a_, b_, ref_w, ref_l, len_w, len_l, **params).sum()
+        L = lossfn("torch", a_, b_, lw_ref, ll_ref, len_w, len_l, **params).sum()
         dLa, dLb = torch.autograd.grad(L, (a_, b_), allow_unused=True)
         d_w = -dLa if dLa is not None else torch.zeros_like(lw)
         d_l = dLb if dLb is not None else torch.zeros_like(ll)

@@ -51,7 +51,7 @@ def pair_check(model, evals: lm.PairBatch, loss: str, params: dict, ref: tuple, 
                size: float = 1e-4) -> dict:
     """The one-pair check: predicted and realised (delta lw, delta ll) of a step on each pair alone.
 
-    ``ref`` = (ref_w, ref_l) reference log-probs of the eval pairs; ``precond`` keyed by the
+    ``ref`` = (lw_ref, ll_ref) reference log-probs of the eval pairs; ``precond`` keyed by the
     parameters of ``model``. Returns arrays (B,): the step sizes ``eta``, ``pred_dlw``,
     ``pred_dll``, ``real_dlw``, ``real_dll`` and the regime codes ``pred``, ``real``.
     """
@@ -63,11 +63,11 @@ def pair_check(model, evals: lm.PairBatch, loss: str, params: dict, ref: tuple, 
     prec64 = None if P is None else {dict(m64.named_parameters())[n]: P[n] for n in names}
     stats = probe.pair_stats(m64, evals, precond=prec64)
     len_w, len_l = evals.chosen_mask.sum(1).double(), evals.rejected_mask.sum(1).double()
-    ref_w, ref_l = (r.double() for r in ref)
+    lw_ref, ll_ref = (r.double() for r in ref)
     d = symbolic.derive(loss)
     np_ = lambda t: t.detach().cpu().numpy()  # noqa: E731
     pred = d.predict(lw=np_(stats["lw"]), ll=np_(stats["ll"]), ip=np_(stats["ip"]), nw2=np_(stats["nw2"]),
-                     nl2=np_(stats["nl2"]), lw_ref=np_(ref_w), ll_ref=np_(ref_l), len_w=np_(len_w),
+                     nl2=np_(stats["nl2"]), lw_ref=np_(lw_ref), ll_ref=np_(ll_ref), len_w=np_(len_w),
                      len_l=np_(len_l), check=False, **params)
     scale = np.maximum(np.abs(pred["delta_lw"]), np.abs(pred["delta_ll"]))
     eta = np.where(scale > 0, size / np.where(scale > 0, scale, 1.0), 0.0)
@@ -77,7 +77,7 @@ def pair_check(model, evals: lm.PairBatch, loss: str, params: dict, ref: tuple, 
         one = evals.pair(i)
         point = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
         lw, ll = lm.pair_logps(lm.at_params(m64, point), one)
-        L = lossfn("torch", lw, ll, ref_w[i:i + 1], ref_l[i:i + 1], len_w[i:i + 1], len_l[i:i + 1], **params).sum()
+        L = lossfn("torch", lw, ll, lw_ref[i:i + 1], ll_ref[i:i + 1], len_w[i:i + 1], len_l[i:i + 1], **params).sum()
         grads = torch.autograd.grad(L, [point[n] for n in names], allow_unused=True)
         with torch.no_grad():
             moved = dict(theta)
@@ -104,12 +104,12 @@ def method_pair_check(model, evals: lm.PairBatch, objective, ref: tuple, size: f
     named = [(n, p) for n, p in m64.named_parameters() if p.requires_grad]
     theta = {n: p.detach().clone() for n, p in m64.named_parameters()}
     len_w, len_l = evals.chosen_mask.sum(1).double(), evals.rejected_mask.sum(1).double()
-    ref_w, ref_l = (r.double() for r in ref)
+    lw_ref, ll_ref = (r.double() for r in ref)
     out = {k: np.zeros(len(evals)) for k in ("eta", "pred_dlw", "pred_dll", "real_dlw", "real_dll")}
     for i in range(len(evals)):
         one = evals.pair(i)
         params = [p for _, p in named]
-        L = objective(m64, one, ref_w[i:i + 1], ref_l[i:i + 1], len_w[i:i + 1], len_l[i:i + 1])
+        L = objective(m64, one, lw_ref[i:i + 1], ll_ref[i:i + 1], len_w[i:i + 1], len_l[i:i + 1])
         step = [(-g if g is not None else torch.zeros_like(p))
                 for g, p in zip(torch.autograd.grad(L, params, allow_unused=True), params)]
         lw, ll = lm.pair_logps(m64, one)

@@ -197,9 +197,9 @@ def pair_objective(loss: str, params: dict) -> Callable:
     """The plain preference objective: mean over the batch of the registered ``loss``."""
     lossfn = losses.get(loss)
 
-    def objective(model, batch, ref_w, ref_l, len_w, len_l):
+    def objective(model, batch, lw_ref, ll_ref, len_w, len_l):
         lw, ll = lm.pair_logps(model, batch)
-        return lossfn("torch", lw, ll, ref_w, ref_l, len_w, len_l, **params).mean()
+        return lossfn("torch", lw, ll, lw_ref, ll_ref, len_w, len_l, **params).mean()
 
     return objective
 
@@ -252,7 +252,7 @@ def preference(model, cfg: TrainConfig, structure: str, loss: str, params: dict,
                out: Path | None = None, resume: bool = False, until: int | None = None) -> dict:
     """Preference optimisation against the model as it is now (the SFT model) as reference.
 
-    ``objective(model, batch, ref_w, ref_l, len_w, len_l) -> scalar`` replaces the plain loss
+    ``objective(model, batch, lw_ref, ll_ref, len_w, len_l) -> scalar`` replaces the plain loss
     (mitigations: :mod:`gesim.methods`); ``make_optimizer(model) -> Optimizer`` replaces
     ``cfg.optimizer``. With ``out``, checkpoints go to ``out/checkpoint.pt`` (and ``resume``
     continues from there); ``until`` stops after that many steps (a later call resumes).
@@ -285,7 +285,7 @@ def _preference(model, cfg, structure, loss, params, progress, *, objective, mak
         start, history, extra = 0, [], {}
         acc = {"pred_sum_dlw": torch.zeros(len(evals), dtype=torch.float64),
                "pred_sum_dll": torch.zeros(len(evals), dtype=torch.float64)}
-    (ref_w, ref_l), len_w, len_l = ref["train"], train.chosen_mask.sum(1), train.rejected_mask.sum(1)
+    (lw_ref, ll_ref), len_w, len_l = ref["train"], train.chosen_mask.sum(1), train.rejected_mask.sum(1)
     stop = cfg.pref_steps if until is None else min(until, cfg.pref_steps)
     steps = range(start, stop)
     if progress:
@@ -313,7 +313,7 @@ def _preference(model, cfg, structure, loss, params, progress, *, objective, mak
         if measured or cfg.light:
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
         with cfg.autocast():
-            L = objective(model, sub, ref_w[rows], ref_l[rows], len_w[rows], len_l[rows])
+            L = objective(model, sub, lw_ref[rows], ll_ref[rows], len_w[rows], len_l[rows])
         opt.zero_grad()
         L.backward()
         opt.step()
