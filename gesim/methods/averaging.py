@@ -192,17 +192,23 @@ def fit_hma(model: torch.nn.Module, theta0, theta, ids: torch.Tensor, mask: torc
     """
     if not 0 <= a <= 1:
         raise GesimError(f"the mean ratio a must be in [0, 1], got {a}")
-    if ids.shape != mask.shape or ids.ndim != 2:
-        raise GesimError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must both be (N, T)")
-    theta0, theta = _pair(theta0, theta)
-    names = [n for n, _ in model.named_parameters()]
-    theta0, theta = ({n: d[n].detach() for n in names} for d in (theta0, theta))
+    theta0, theta, names = _fit_inputs(model, theta0, theta, ids, mask)
     block_of = blocks(names, k)
     s = torch.zeros(k, dtype=torch.float64, requires_grad=True)
     ratios, history, losses, state = _fit_ratios(
         model, ids, mask, s, lambda s: hma_ratios(s, a), lambda r: average_blocks(theta0, theta, r, block_of),
         lambda r: l1 * (r[1:-1] - a).abs().sum(), steps, lr, seed, batch_size)
     return {"ratios": ratios.tolist(), "nll": history, "loss": losses, "state": state}
+
+
+def _fit_inputs(model, theta0, theta, ids, mask):
+    """Checked (N, T) ids and mask; both endpoints detached, on ``model``'s parameter names."""
+    if ids.shape != mask.shape or ids.ndim != 2:
+        raise GesimError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must both be (N, T)")
+    theta0, theta = _pair(theta0, theta)
+    names = [n for n, _ in model.named_parameters()]
+    theta0, theta = ({n: d[n].detach() for n in names} for d in (theta0, theta))
+    return theta0, theta, names
 
 
 def _fit_ratios(model, ids, mask, s, ratios_of, merge, penalty, steps, lr, seed, batch_size):
@@ -340,11 +346,7 @@ def fit_hma_authors(model: torch.nn.Module, theta0, theta, ids: torch.Tensor, ma
     """
     if not 0 < a < 1:
         raise GesimError(f"the authors' parameterisation needs the mean ratio a in (0, 1), got {a}")
-    if ids.shape != mask.shape or ids.ndim != 2:
-        raise GesimError(f"ids {tuple(ids.shape)} and mask {tuple(mask.shape)} must both be (N, T)")
-    theta0, theta = _pair(theta0, theta)
-    names = [n for n, _ in model.named_parameters()]
-    theta0, theta = ({n: d[n].detach() for n in names} for d in (theta0, theta))
+    theta0, theta, names = _fit_inputs(model, theta0, theta, ids, mask)
     block_of, fixed, layer = _authors_plan(model, names, blocks)
     if not block_of:
         raise GesimError("the model has no nn.Linear parameters inside indexed layers to interpolate")
