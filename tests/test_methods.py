@@ -211,3 +211,19 @@ def test_the_two_mitigation_figures_share_seeds_and_a_new_base_seed_draws_new_on
     b = _seeds(Context("entanglement_by_method", "fast", 0), "mitigation_regimes")
     c = _seeds(Context("mitigation_regimes", "fast", 1), "mitigation_regimes")
     assert a == b and len(a) == len(set(a)) == N_SEEDS["fast"] and not set(a) & set(c)
+
+
+def test_harness_stages_leave_the_global_rng_alone(one_thread):
+    """The harness's model init draws from the run's own "init" stream (it once reseeded torch's
+    global RNG with the seed): the global state is untouched and the same seed gives the same
+    base model whatever was drawn before."""
+    from gesim.transformer.train import TrainConfig
+
+    cfg = harness.TaxConfig.fast(model=TrainConfig.fast(sft_steps=2, n_train=32, n_embd=24, batch=4),
+                                 pretrain_steps=2, n_heldout=4)
+    state = torch.get_rng_state()
+    _, a, _ = harness.stages(cfg, 0)
+    assert torch.equal(state, torch.get_rng_state())
+    torch.rand(50)
+    _, b, _ = harness.stages(cfg, 0)
+    assert all(torch.equal(a[k], b[k]) for k in a)

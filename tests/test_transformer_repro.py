@@ -100,3 +100,37 @@ def test_stage_streams_differ_across_stages_and_seeds():
     assert len(seeds) == 10 * len(train.STAGES)
     with pytest.raises(Exception, match="random stage"):
         train.stage_seed(0, "nope")
+
+
+def test_the_loop_draws_the_same_batches_whatever_its_callback_does(one_thread):
+    """The one training loop (gesim.transformer.loop): a callback that measures the model and
+    consumes torch's global RNG leaves the drawn rows and the trained parameters bitwise equal
+    to a run without a callback, and the hooks see every step in order, before then after."""
+    from gesim.transformer import loop
+
+    def trained(callback):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 1)
+        x, y = torch.randn(20, 3), torch.randn(20, 1)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(train.stage_seed(0, "pretrain-batches"))
+        seen = []
+        loop.train_steps(opt, lambda rows: (seen.append(rows) or ((net(x[rows]) - y[rows]) ** 2).mean()), 20, 4, g,
+                         range(5), callback=callback)
+        return [p.detach().clone() for p in net.parameters()], seen
+
+    class Noisy(loop.Callback):
+        calls = []
+
+        def before(self, step, rows):
+            self.calls.append(("before", step))
+            torch.rand(7)
+
+        def after(self, step, rows, loss):
+            self.calls.append(("after", step))
+            assert loss.requires_grad
+
+    plain, rows_a = trained(None)
+    noisy, rows_b = trained(Noisy())
+    assert all(torch.equal(a, b) for a, b in zip(plain, noisy)) and all(map(torch.equal, rows_a, rows_b))
+    assert Noisy.calls == [(w, s) for s in range(5) for w in ("before", "after")]

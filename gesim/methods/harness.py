@@ -29,6 +29,11 @@ at +2.5, past any useful trade-off). Not in every seed: in seed 67889 DPO lifts 
 by step 10 and then displaces the chosen opener (its log-prob falls with the rejected ones'),
 ending at 0.10, below the SFT model's 0.16, at lr 1e-4 and 1.5e-4 too.
 
+Every stage trains through the one loop of :mod:`gesim.transformer.loop` (pretraining and the
+preference stage here, SFT in :func:`gesim.transformer.train.sft`); the model's init and the
+batches come from the run's own (seed, stage) streams (:func:`gesim.transformer.train.stage_seed`:
+"init", "pretrain-batches", "pref-batches"), never from torch's global generator.
+
 Every method is a point or a path in the (tax, reward) plane (:mod:`gesim.methods.tax`
 compares them over seeds).
 """
@@ -43,8 +48,8 @@ import torch
 
 from gesim import lm
 from gesim.errors import GesimError
-from gesim.transformer import data
-from gesim.transformer.train import TrainConfig, build_model, pair_objective
+from gesim.transformer import data, loop
+from gesim.transformer.train import TrainConfig, init_model, pair_objective, stage_seed, token_nll
 
 SFT_STRUCTURE = "long-suffix"
 PREFERRED = "rated"  # the suffix opening the preference data asks for
@@ -181,20 +186,14 @@ def stages(cfg: TaxConfig, seed: int):
     from gesim.transformer.train import sft
 
     m = dataclasses.replace(cfg.model, seed=seed, label_noise=cfg.sft_label_noise)
-    torch.manual_seed(seed)
-    model = build_model(m, len(data.Language()))
+    model = init_model(m)
     ps = data.pairs(SFT_STRUCTURE, m.n_train, seed + 21)
     ids = ps.batch.chosen_ids.to(m.device)
     prompt = _prompt_mask(ps.batch.chosen_ids, ps.prompt_len).to(m.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr)
-    g = torch.Generator().manual_seed(seed + 22)
-    for _ in range(cfg.pretrain_steps):
-        rows = torch.randint(0, len(ids), (m.batch,), generator=g).to(m.device)
-        pm = prompt[rows]
-        nll = -(lm.token_logps(lm.logits(model, ids[rows]), ids[rows]) * pm).sum() / pm.sum()
-        opt.zero_grad()
-        nll.backward()
-        opt.step()
+    g = torch.Generator().manual_seed(stage_seed(seed, "pretrain-batches"))
+    loop.train_steps(opt, lambda rows: token_nll(model, ids[rows], prompt[rows]), len(ids), m.batch, g,
+                     range(cfg.pretrain_steps), device=m.device, autocast=m.autocast)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     sft(model, m, SFT_STRUCTURE)
     model.eval()
@@ -214,19 +213,28 @@ def prefer(model, cfg: TaxConfig, held: dict, opt, seed: int, loss: str = "dpo")
         lw_ref, ll_ref = lm.pair_logps(model, train)
     len_w, len_l = train.chosen_mask.sum(1), train.rejected_mask.sum(1)
     objective = pair_objective(loss, {})
-    g = torch.Generator().manual_seed(seed + 3)
+    g = torch.Generator().manual_seed(stage_seed(seed, "pref-batches"))
     path = [{"step": 0, **evaluate(model, held)}]
-    for step in range(1, cfg.pref_steps + 1):
-        rows = torch.randint(0, len(train), (m.batch,), generator=g).to(m.device)
+
+    def loss_of(rows):
         sub = lm.PairBatch(*(t[rows] for t in (train.chosen_ids, train.rejected_ids, train.chosen_mask,
                                                  train.rejected_mask)))
-        L = objective(model, sub, lw_ref[rows], ll_ref[rows], len_w[rows], len_l[rows])
-        opt.zero_grad()
-        L.backward()
-        opt.step()
-        if step % cfg.record_every == 0 or step == cfg.pref_steps:
-            path.append({"step": step, **evaluate(model, held)})
+        return objective(model, sub, lw_ref[rows], ll_ref[rows], len_w[rows], len_l[rows])
+
+    loop.train_steps(opt, loss_of, len(train), m.batch, g, range(cfg.pref_steps), device=m.device,
+                     autocast=m.autocast, callback=_Record(model, cfg, held, path))
     return path
+
+
+class _Record(loop.Callback):
+    """Appends {"step", **evaluate} to ``path`` every ``record_every`` steps and at the last."""
+
+    def __init__(self, model, cfg: TaxConfig, held: dict, path: list):
+        self.model, self.cfg, self.held, self.path = model, cfg, held, path
+
+    def after(self, step, rows, loss):
+        if (step + 1) % self.cfg.record_every == 0 or step + 1 == self.cfg.pref_steps:
+            self.path.append({"step": step + 1, **evaluate(self.model, self.held)})
 
 
 @torch.no_grad()

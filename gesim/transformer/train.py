@@ -51,7 +51,7 @@ import torch
 from gesim import lm, losses, probe, regimes
 from gesim.errors import GesimError, unknown
 from gesim.output import atomic_write_bytes, atomic_write_text, write_json
-from gesim.transformer import data, measure
+from gesim.transformer import data, loop, measure
 from gesim.transformer.model import GPT, GPTConfig
 
 ARCHS = ("gpt", "hf-gpt2")
@@ -134,7 +134,8 @@ def pinned(cfg: TrainConfig):
         torch.set_num_threads(before)
 
 
-STAGES = ("init", "sft-data", "sft-batches", "pref-train", "pref-eval", "pref-batches")
+#: The random streams of a run, one per stage; append only (a stream's seed hashes its index).
+STAGES = ("init", "sft-data", "sft-batches", "pref-train", "pref-eval", "pref-batches", "pretrain-batches")
 
 
 def stage_seed(seed: int, stage: str) -> int:
@@ -161,6 +162,13 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
     return GPT2LMHeadModel(config).to(cfg.device)
 
 
+def init_model(cfg: TrainConfig) -> torch.nn.Module:
+    """:func:`build_model` drawn from the run's "init" stream; the global RNG is left alone."""
+    with torch.random.fork_rng(devices=[]), pinned(cfg):
+        torch.manual_seed(stage_seed(cfg.seed, "init"))
+        return build_model(cfg, len(data.Language()))
+
+
 def _optimizer(name, params, lr):
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -175,22 +183,19 @@ def sft(model, cfg: TrainConfig, structure: str) -> list[float]:
 
 def _sft(model, cfg: TrainConfig, structure: str) -> list[float]:
     ids, mask = data.sft_sequences(structure, cfg.n_train, stage_seed(cfg.seed, "sft-data"), cfg.label_noise)
-    ids, mask = ids.to(cfg.device), mask.to(cfg.device)
+    ids, mask = ids.to(cfg.device), mask.to(cfg.device).clone()
+    mask[:, 0] = 0
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
     g = torch.Generator().manual_seed(stage_seed(cfg.seed, "sft-batches"))
-    history = []
-    for _ in range(cfg.sft_steps):
-        rows = torch.randint(0, len(ids), (cfg.batch,), generator=g).to(cfg.device)
-        m = mask[rows].clone()
-        m[:, 0] = 0
-        with cfg.autocast():
-            logits = lm.logits(model, ids[rows], m)
-        nll = -(lm.token_logps(logits, ids[rows]) * m).sum() / m.sum()
-        opt.zero_grad()
-        nll.backward()
-        opt.step()
-        history.append(float(nll.detach()))
-    return history
+    history = loop.LossHistory()
+    loop.train_steps(opt, lambda rows: token_nll(model, ids[rows], mask[rows]), len(ids), cfg.batch, g,
+                     range(cfg.sft_steps), device=cfg.device, autocast=cfg.autocast, callback=history)
+    return history.losses
+
+
+def token_nll(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over the tokens ``mask`` (N, T) selects (pretraining, SFT)."""
+    return -(lm.token_logps(lm.logits(model, ids, mask), ids) * mask).sum() / mask.sum()
 
 
 def pair_objective(loss: str, params: dict) -> Callable:
@@ -273,79 +278,108 @@ def _preference(model, cfg, structure, loss, params, progress, *, objective, mak
     opt = make_optimizer(model) if make_optimizer else _optimizer(cfg.optimizer, model.parameters(), cfg.lr)
     g = torch.Generator().manual_seed(stage_seed(cfg.seed, "pref-batches"))
     ckpt = Path(out) / "checkpoint.pt" if out else None
+    meter = _Meter(model, opt, cfg, evals, loss, params, custom)
     if resume and ckpt and ckpt.exists():
         state = torch.load(ckpt, map_location=cfg.device, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         g.set_state(state["generator"])
-        start, history, extra, ref, acc = state["step"], state["history"], state["extra"], state["ref"], state["acc"]
+        start, ref = state["step"], state["ref"]
+        meter.history, meter.extra, meter.acc = state["history"], state["extra"], state["acc"]
     else:
         with torch.no_grad():
             ref = {"train": lm.pair_logps(model, train), "eval": lm.pair_logps(model, evals)}
-        start, history, extra = 0, [], {}
-        acc = {"pred_sum_dlw": torch.zeros(len(evals), dtype=torch.float64),
-               "pred_sum_dll": torch.zeros(len(evals), dtype=torch.float64)}
+        start = 0
+    meter.ref_eval = ref["eval"]
     (lw_ref, ll_ref), len_w, len_l = ref["train"], train.chosen_mask.sum(1), train.rejected_mask.sum(1)
     stop = cfg.pref_steps if until is None else min(until, cfg.pref_steps)
+    if ckpt:
+        meter.checkpoint = lambda step: _save(ckpt, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(), "step": step,
+            "history": meter.history, "extra": meter.extra, "ref": ref, "acc": meter.acc})
+        meter.stop = stop
     steps = range(start, stop)
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc=f"{structure} {loss}", unit="step", initial=start, total=cfg.pref_steps)
-    for step in steps:
-        rows = torch.randint(0, len(train), (cfg.batch,), generator=g).to(cfg.device)
+
+    def loss_of(rows):
         sub = lm.PairBatch(*(t[rows] for t in (train.chosen_ids, train.rejected_ids, train.chosen_mask,
                                                  train.rejected_mask)))
-        last = step == cfg.pref_steps - 1
-        measured = step == 0 or last or (not cfg.light and step % cfg.eval_every == 0)
-        if measured:
-            stats, row, tokens = _measure(model, opt, cfg, evals, loss, params, ref["eval"], step,
-                                          tokens=not cfg.light and (step == 0 or last), objective=custom,
-                                          one_pair=not cfg.light or step == 0)
-            extra.update({("token_cos_first" if step == 0 else "token_cos_last"): v for v in tokens.values()})
-            if step == 0:
-                extra["pairs"] = {"lw_start": stats["lw"].tolist(), "ll_start": stats["ll"].tolist(),
-                                  "cos_start": stats["cos"].tolist(), **row.pop("one_pair")}
-            else:
-                row.pop("one_pair", None)
-            if last:
-                extra["pairs_cos_end"] = stats["cos"].tolist()
-        if measured or cfg.light:
-            before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        with cfg.autocast():
-            L = objective(model, sub, lw_ref[rows], ll_ref[rows], len_w[rows], len_l[rows])
-        opt.zero_grad()
-        L.backward()
-        opt.step()
-        if measured or cfg.light:
-            u = {n: p.detach() - before[n] for n, p in model.named_parameters()}
-            pred_w, pred_l = measure.step_check(model, before, evals, u)
-            acc["pred_sum_dlw"] += pred_w.detach().double().cpu()
-            acc["pred_sum_dll"] += pred_l.detach().double().cpu()
-        if measured:
-            with torch.no_grad():
-                after_w, after_l = lm.pair_logps(model, evals)
-            real_w, real_l = after_w - stats["lw"], after_l - stats["ll"]
-            pred = regimes.regime_codes(pred_w.cpu().numpy(), pred_l.cpu().numpy())
-            real = regimes.regime_codes(real_w.cpu().numpy(), real_l.cpu().numpy())
-            row.update({"loss": float(L.detach()), "regime_agreement": float(np.mean(pred == real)),
-                        "ideal_fraction": float(np.mean(real == regimes.IDEAL)),
-                        "batch_confusion": measure.confusion(pred, real).tolist(),
-                        "pred_dlw": float(pred_w.mean()), "real_dlw": float(real_w.mean()),
-                        "pred_dll": float(pred_l.mean()), "real_dll": float(real_l.mean())})
-            history.append(row)
-        if ckpt and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop):
-            _save(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(),
-                         "step": step + 1, "history": history, "extra": extra, "ref": ref, "acc": acc})
+        return objective(model, sub, lw_ref[rows], ll_ref[rows], len_w[rows], len_l[rows])
+
+    loop.train_steps(opt, loss_of, len(train), cfg.batch, g, steps, device=cfg.device, autocast=cfg.autocast,
+                     callback=meter)
     done = stop == cfg.pref_steps
+    extra = meter.extra
     if done:
         with torch.no_grad():
             lw_final, ll_final = lm.pair_logps(model, evals)
         extra["pairs"].update({"lw_final": lw_final.tolist(), "ll_final": ll_final.tolist(),
                                "cos_end": extra.pop("pairs_cos_end")})
         if cfg.light:
-            extra["pairs"].update({k: v.tolist() for k, v in acc.items()})
-    return {"history": history, "done": done, **extra}
+            extra["pairs"].update({k: v.tolist() for k, v in meter.acc.items()})
+    return {"history": meter.history, "done": done, **extra}
+
+
+class _Meter(loop.Callback):
+    """The preference stage's measurements (the module docstring) as a callback of the loop.
+
+    ``before``: at step 0, the last step and every ``eval_every`` steps (``cfg.light``: the
+    first and last only) the geometry, the one-pair check and the token cosines of the eval
+    pairs (:func:`_measure`); a snapshot of the parameters. ``after``: the whole-batch check of
+    the step just taken (first-order prediction against the realised change), the history
+    row, and a checkpoint every ``checkpoint_every`` steps and at the stop.
+    """
+
+    def __init__(self, model, opt, cfg, evals, loss, params, custom):
+        self.model, self.opt, self.cfg, self.evals, self.loss, self.params, self.custom = \
+            model, opt, cfg, evals, loss, params, custom
+        self.history, self.extra, self.checkpoint, self.stop = [], {}, None, None
+        self.acc = {"pred_sum_dlw": torch.zeros(len(evals), dtype=torch.float64),
+                    "pred_sum_dll": torch.zeros(len(evals), dtype=torch.float64)}
+
+    def before(self, step, rows):
+        cfg, extra = self.cfg, self.extra
+        last = step == cfg.pref_steps - 1
+        self.measured = step == 0 or last or (not cfg.light and step % cfg.eval_every == 0)
+        if self.measured:
+            self.stats, self.row, tokens = _measure(self.model, self.opt, cfg, self.evals, self.loss, self.params,
+                                                    self.ref_eval, step, tokens=not cfg.light and (step == 0 or last),
+                                                    objective=self.custom, one_pair=not cfg.light or step == 0)
+            extra.update({("token_cos_first" if step == 0 else "token_cos_last"): v for v in tokens.values()})
+            if step == 0:
+                extra["pairs"] = {"lw_start": self.stats["lw"].tolist(), "ll_start": self.stats["ll"].tolist(),
+                                  "cos_start": self.stats["cos"].tolist(), **self.row.pop("one_pair")}
+            else:
+                self.row.pop("one_pair", None)
+            if last:
+                extra["pairs_cos_end"] = self.stats["cos"].tolist()
+        if self.measured or cfg.light:
+            self.theta = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def after(self, step, rows, loss):
+        model, evals = self.model, self.evals
+        if self.measured or self.cfg.light:
+            u = {n: p.detach() - self.theta[n] for n, p in model.named_parameters()}
+            pred_w, pred_l = measure.step_check(model, self.theta, evals, u)
+            self.acc["pred_sum_dlw"] += pred_w.detach().double().cpu()
+            self.acc["pred_sum_dll"] += pred_l.detach().double().cpu()
+        if self.measured:
+            with torch.no_grad():
+                after_w, after_l = lm.pair_logps(model, evals)
+            real_w, real_l = after_w - self.stats["lw"], after_l - self.stats["ll"]
+            pred = regimes.regime_codes(pred_w.cpu().numpy(), pred_l.cpu().numpy())
+            real = regimes.regime_codes(real_w.cpu().numpy(), real_l.cpu().numpy())
+            self.row.update({"loss": float(loss.detach()), "regime_agreement": float(np.mean(pred == real)),
+                             "ideal_fraction": float(np.mean(real == regimes.IDEAL)),
+                             "batch_confusion": measure.confusion(pred, real).tolist(),
+                             "pred_dlw": float(pred_w.mean()), "real_dlw": float(real_w.mean()),
+                             "pred_dll": float(pred_l.mean()), "real_dll": float(real_l.mean())})
+            self.history.append(self.row)
+        if self.checkpoint and ((step + 1) % self.cfg.checkpoint_every == 0 or step + 1 == self.stop):
+            self.checkpoint(step + 1)
 
 
 _SFT_CACHE: dict = {}
@@ -359,9 +393,7 @@ def sft_model(structure: str, cfg: TrainConfig, out: Path | None = None):
     """
     key = (structure, cfg.arch, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.sft_steps, cfg.sft_lr,
            cfg.label_noise, cfg.n_train, cfg.batch, cfg.amp, cfg.seed, cfg.device, cfg.threads)
-    with torch.random.fork_rng(devices=[]), pinned(cfg):  # the init's own stream; the global RNG is left alone
-        torch.manual_seed(stage_seed(cfg.seed, "init"))
-        model = build_model(cfg, len(data.Language()))
+    model = init_model(cfg)
     path = Path(out) / "sft.pt" if out else None
     saved = torch.load(path, map_location=cfg.device, weights_only=False) if path and path.exists() else None
     if saved is not None and saved["key"] == key:
