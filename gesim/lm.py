@@ -23,7 +23,13 @@ from gesim.errors import GesimError
 
 @dataclass
 class PairBatch:
-    """B preference pairs as padded token tensors; shapes (B, T) each (T may differ w / l)."""
+    """B preference pairs as right-padded token ids and response masks, (B, T) each (T may
+    differ w / l): THE pair type of gesim (the Transformer's data, the probe, the trainer, and,
+    holding numpy arrays, the synthetic pairs of :mod:`gesim.policies.pairs`).
+
+    Build one from token lists with :meth:`from_rows`; ``take(rows)`` selects pairs,
+    ``to(device)`` moves (numpy arrays become torch tensors).
+    """
 
     chosen_ids: torch.Tensor
     rejected_ids: torch.Tensor
@@ -38,17 +44,40 @@ class PairBatch:
         if len(self.chosen_ids) != len(self.rejected_ids):
             raise GesimError("chosen and rejected must hold the same number of pairs")
 
+    @classmethod
+    def from_rows(cls, rows_w: list, rows_l: list, starts: list, pad_id: int = 0,
+                  mask_dtype: torch.dtype = torch.float32) -> PairBatch:
+        """Pairs from token-id lists ``prompt + response`` and each pair's response start (the
+        prompt length): right-padded with ``pad_id``, masks 1 from the start to the row's end."""
+        (cw, mw), (cl, ml) = (_padded(rows, starts, pad_id, mask_dtype) for rows in (rows_w, rows_l))
+        return cls(cw, cl, mw, ml)
+
+    def tensors(self) -> tuple:
+        return self.chosen_ids, self.rejected_ids, self.chosen_mask, self.rejected_mask
+
     def __len__(self) -> int:
         return len(self.chosen_ids)
 
+    @property
+    def len_w(self):
+        """Response lengths |y_w| (B,)."""
+        return self.chosen_mask.sum(-1)
+
+    @property
+    def len_l(self):
+        """Response lengths |y_l| (B,)."""
+        return self.rejected_mask.sum(-1)
+
+    def take(self, rows) -> PairBatch:
+        """The pairs ``rows`` (indices, a mask or a slice)."""
+        return PairBatch(*(t[rows] for t in self.tensors()))
+
     def to(self, device) -> PairBatch:
-        return PairBatch(*(t.to(device) for t in (self.chosen_ids, self.rejected_ids,
-                                                   self.chosen_mask, self.rejected_mask)))
+        return PairBatch(*(torch.as_tensor(t).to(device) for t in self.tensors()))
 
     def pair(self, i: int) -> PairBatch:
         """Pair i alone, trimmed to its own length (no padding)."""
-        return PairBatch(*(t[i:i + 1] for t in (self.chosen_ids, self.rejected_ids,
-                                                  self.chosen_mask, self.rejected_mask))).trimmed()
+        return self.take(slice(i, i + 1)).trimmed()
 
     def trimmed(self) -> PairBatch:
         """Drop padding columns beyond the last response token of every row."""
@@ -66,6 +95,17 @@ class PairBatch:
         ids = torch.cat([pad(self.chosen_ids, pad_id), pad(self.rejected_ids, pad_id)])
         mask = torch.cat([pad(self.chosen_mask, 0), pad(self.rejected_mask, 0)])
         return ids, mask
+
+
+def _padded(rows: list, starts: list, pad_id: int, mask_dtype: torch.dtype):
+    """Right-padded ids (N, T) of token-id lists and masks (N, T), 1 from ``starts[i]`` to the row's end."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=mask_dtype)
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, s: len(r)] = 1
+    return ids, mask
 
 
 def is_hf(model) -> bool:

@@ -21,10 +21,10 @@ def setup(case, n=6, seed=0):
     pol, structure = POLICY_CASES[case]
     rng = np.random.default_rng(seed)
     pr = P.blocks(rng, n, pol.vocab, **structure)
-    inst = pol.init(rng, n, pr.chosen.shape[1])
+    inst = pol.init(rng, n, pr.chosen_ids.shape[1])
     t = torch.as_tensor
-    yw, yl = t(pr.chosen), t(pr.rejected)
-    mw, ml = t(pr.mask_w), t(pr.mask_l)
+    yw, yl = t(pr.chosen_ids), t(pr.rejected_ids)
+    mw, ml = t(pr.chosen_mask), t(pr.rejected_mask)
     return pol, inst, pr, (yw, mw, pol.features(inst, yw)), (yl, ml, pol.features(inst, yl))
 
 
@@ -79,7 +79,7 @@ def test_single_token_ip_closed_form_and_always_ideal_under_dpo(case):
     p = policies.token_probs(inst.W0, H_w)[:, 0].numpy()  # (N, V)
     h2 = (H_w[:, 0] ** 2).sum(-1).numpy()
     n = np.arange(len(p))
-    p_w, p_l, pp = p[n, pr.chosen[:, 0]], p[n, pr.rejected[:, 0]], (p**2).sum(-1)
+    p_w, p_l, pp = p[n, pr.chosen_ids[:, 0]], p[n, pr.rejected_ids[:, 0]], (p**2).sum(-1)
     np.testing.assert_allclose(ip, h2 * (pp - p_w - p_l), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(nw2 - ip, h2 * (1 - p_w + p_l), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(nl2 - ip, h2 * (1 - p_l + p_w), rtol=1e-10, atol=1e-12)
@@ -98,15 +98,15 @@ def test_free_logits_difference_norm_is_twice_hamming_and_dpo_ideal():
     for distance in (0, 1, 3, 7):
         pr = P.hamming(rng, 50, pol.vocab, 8, distance)
         inst = pol.init(rng, 50, 8)
-        yw, yl, m = torch.as_tensor(pr.chosen), torch.as_tensor(pr.rejected), torch.as_tensor(pr.mask_w)
+        yw, yl, m = torch.as_tensor(pr.chosen_ids), torch.as_tensor(pr.rejected_ids), torch.as_tensor(pr.chosen_mask)
         H = pol.features(inst, yw)
         _, g_w = policies.grad(inst.W0, H, yw, m)
         _, g_l = policies.grad(inst.W0, H, yl, m)
-        np.testing.assert_allclose(((g_w - g_l) ** 2).sum((1, 2)).numpy(), 2.0 * pr.hamming(), atol=1e-10)
+        np.testing.assert_allclose(((g_w - g_l) ** 2).sum((1, 2)).numpy(), 2.0 * P.distance(pr), atol=1e-10)
         p = policies.token_probs(inst.W0, H).numpy()  # (N, T, V)
         i, t = np.meshgrid(np.arange(50), np.arange(8), indexing="ij")
-        D = pr.chosen != pr.rejected
-        expected = ((1 - p[i, t, pr.chosen] + p[i, t, pr.rejected]) * D).sum(-1)
+        D = pr.chosen_ids != pr.rejected_ids
+        expected = ((1 - p[i, t, pr.chosen_ids] + p[i, t, pr.rejected_ids]) * D).sum(-1)
         ip, nw2 = (g_w * g_l).sum((1, 2)).numpy(), (g_w * g_w).sum((1, 2)).numpy()
         np.testing.assert_allclose(nw2 - ip, expected, atol=1e-10)
         if distance:
@@ -119,8 +119,8 @@ def test_free_logits_cosine_rises_with_shared_over_differing():
     cos = []
     for suffix in (0, 4, 16, 64):
         pr = P.blocks(rng, 100, pol.vocab, differ=2, suffix=suffix)
-        inst = pol.init(rng, 100, pr.chosen.shape[1])
-        yw, yl, m = torch.as_tensor(pr.chosen), torch.as_tensor(pr.rejected), torch.as_tensor(pr.mask_w)
+        inst = pol.init(rng, 100, pr.chosen_ids.shape[1])
+        yw, yl, m = torch.as_tensor(pr.chosen_ids), torch.as_tensor(pr.rejected_ids), torch.as_tensor(pr.chosen_mask)
         H = pol.features(inst, yw)
         ip, nw2, nl2 = policies.pair_ip(inst.W0, H, yw, m, H, yl, m)
         cos.append(float((ip / torch.sqrt(nw2 * nl2)).mean()))
@@ -131,9 +131,9 @@ def test_context_features_share_prefix_and_converge_on_shared_suffix():
     pol = policies.Context(vocab=20, dim=8)
     rng = np.random.default_rng(6)
     pr = P.blocks(rng, 10, pol.vocab, prefix=3, differ=1, suffix=20)
-    inst = pol.init(rng, 10, pr.chosen.shape[1])
-    H_w = pol.features(inst, torch.as_tensor(pr.chosen))
-    H_l = pol.features(inst, torch.as_tensor(pr.rejected))
+    inst = pol.init(rng, 10, pr.chosen_ids.shape[1])
+    H_w = pol.features(inst, torch.as_tensor(pr.chosen_ids))
+    H_l = pol.features(inst, torch.as_tensor(pr.rejected_ids))
     gap = (H_w - H_l).norm(dim=-1).numpy()  # (N, T)
     assert np.all(gap[:, :4] == 0)  # prefix and the differing position see the same context
     # a linear recurrence: the perturbation shrinks by exactly the contraction per token
@@ -144,15 +144,16 @@ def test_pair_generators_structure():
     rng = np.random.default_rng(7)
     pr = P.blocks(rng, 20, 50, prefix=2, differ_w=1, differ_l=3, suffix=4)
     assert pr.len_w.tolist() == [7] * 20 and pr.len_l.tolist() == [9] * 20
-    assert (pr.chosen[:, :2] == pr.rejected[:, :2]).all() and (pr.chosen[:, 2] != pr.rejected[:, 2]).all()
-    assert (pr.chosen[:, 3:7] == pr.rejected[:, 5:9]).all()  # the shared suffix
-    assert (pr.chosen[pr.mask_w == 0] == 0).all() and (pr.chosen[pr.mask_w == 1] > 0).all()
+    assert (pr.chosen_ids[:, :2] == pr.rejected_ids[:, :2]).all()
+    assert (pr.chosen_ids[:, 2] != pr.rejected_ids[:, 2]).all()
+    assert (pr.chosen_ids[:, 3:7] == pr.rejected_ids[:, 5:9]).all()  # the shared suffix
+    assert (pr.chosen_ids[pr.chosen_mask == 0] == 0).all() and (pr.chosen_ids[pr.chosen_mask == 1] > 0).all()
     for where in ("random", "start", "end"):
         h = P.hamming(rng, 30, 5, 6, 4, where)
-        assert (h.hamming() == 4).all()
+        assert (P.distance(h) == 4).all()
     for kind, (_, _, suffix) in P.SENTIMENT.items():
         s = P.sentiment(rng, 5, 10, kind)
-        assert (s.len_w == 1 + suffix).all() and (s.hamming() == 1).all()
+        assert (s.len_w == 1 + suffix).all() and (P.distance(s) == 1).all()
 
 
 @pytest.mark.parametrize("call, match", [

@@ -108,3 +108,23 @@ def test_sft_label_noise_and_errors():
         data.sft_sequences("1t", 4, 0, label_noise=0.6)
     with pytest.raises(GesimError, match="unknown dataset structure"):
         data.pairs("2t", 4, 0)
+
+
+def test_one_pair_type_pads_takes_and_moves():
+    """lm.PairBatch is the one pair type: from_rows pads by hand's rule, take(rows) selects the
+    same pairs from every tensor, to() turns the synthetic pairs' numpy arrays into tensors."""
+    import numpy as np
+
+    from gesim.lm import PairBatch
+    from gesim.policies import pairs as P
+
+    b = PairBatch.from_rows([[5, 6, 7], [5, 8]], [[5, 9], [4, 4, 4, 4]], [1, 2], pad_id=0)
+    assert b.chosen_ids.tolist() == [[5, 6, 7], [5, 8, 0]] and b.chosen_mask.tolist() == [[0, 1, 1], [0, 0, 0]]
+    assert b.rejected_ids.tolist() == [[5, 9, 0, 0], [4, 4, 4, 4]]
+    assert b.rejected_mask.tolist() == [[0, 1, 0, 0], [0, 0, 1, 1]]
+    one = b.take(torch.tensor([1]))
+    assert all(torch.equal(t, u[1:]) for t, u in zip(one.tensors(), b.tensors()))
+    syn = P.blocks(np.random.default_rng(0), 4, 7, differ=1, suffix=2)
+    moved = syn.take([0, 2]).to("cpu")
+    assert isinstance(moved.chosen_ids, torch.Tensor) and moved.chosen_ids.tolist() == syn.chosen_ids[[0, 2]].tolist()
+    assert (P.distance(syn) == 1).all() and (syn.len_w == 3).all()

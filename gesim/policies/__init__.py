@@ -7,7 +7,6 @@ closed forms) and :mod:`gesim.policies.pairs` (pair generators with controlled s
 from gesim.policies import linear, pairs
 from gesim.policies.linear import grad, logps, pair_ip, residuals, token_probs
 from gesim.policies.models import POLICIES, Context, FreeLogits, Instances, SingleToken, make
-from gesim.policies.pairs import Pairs
 
 __all__ = ["linear", "pairs", "grad", "logps", "pair_ip", "residuals", "token_probs", "POLICIES",
-           "Context", "FreeLogits", "Instances", "SingleToken", "make", "Pairs"]
+           "Context", "FreeLogits", "Instances", "SingleToken", "make"]

@@ -11,49 +11,25 @@ every position of the overlap differs, so with equal lengths the Hamming distanc
 ``distance`` differing tokens anywhere in equal-length responses; :func:`sentiment` builds the
 three structures of the paper's sentiment study (`1t`, `short-suffix`, `long-suffix`).
 
-Arrays are right-padded (pad id 0, masked out) like :class:`gesim.lm.PairBatch`.
+Each generator returns a :class:`gesim.lm.PairBatch` holding numpy arrays: ids (N, T) int64
+right-padded with id 0, masks (N, T) float64 (1 on response tokens).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from gesim.errors import GesimError, unknown
+from gesim.lm import PairBatch
 
 #: The paper's sentiment-study structures: (prefix, differ, suffix).
 SENTIMENT = {"1t": (0, 1, 0), "short-suffix": (0, 1, 3), "long-suffix": (0, 1, 24)}
 
 
-@dataclass(frozen=True)
-class Pairs:
-    """N pairs: ids (N, T) int64 right-padded, masks (N, T) float (1 on response tokens)."""
-
-    chosen: np.ndarray
-    rejected: np.ndarray
-    mask_w: np.ndarray
-    mask_l: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return self.chosen.shape[0]
-
-    @property
-    def len_w(self) -> np.ndarray:
-        return self.mask_w.sum(-1)
-
-    @property
-    def len_l(self) -> np.ndarray:
-        return self.mask_l.sum(-1)
-
-    def hamming(self) -> np.ndarray:
-        """Positions where the two responses differ (pads count if only one side has a token)."""
-        both = (self.mask_w > 0) & (self.mask_l > 0)
-        return ((self.chosen != self.rejected) & both).sum(-1) + np.abs(self.len_w - self.len_l).astype(int)
-
-    def take(self, idx) -> Pairs:
-        return Pairs(self.chosen[idx], self.rejected[idx], self.mask_w[idx], self.mask_l[idx])
+def distance(pairs: PairBatch) -> np.ndarray:
+    """Positions where the two responses differ (N,); a position only one side has counts."""
+    both = (pairs.chosen_mask > 0) & (pairs.rejected_mask > 0)
+    return ((pairs.chosen_ids != pairs.rejected_ids) & both).sum(-1) + np.abs(pairs.len_w - pairs.len_l).astype(int)
 
 
 def _check(vocab, **lengths):
@@ -73,7 +49,7 @@ def _distinct(rng, vocab, shape, avoid):
 
 
 def blocks(rng, n, vocab, *, prefix=0, differ=1, suffix=0, differ_w=None, differ_l=None, tail_w=0,
-           tail_l=0) -> Pairs:
+           tail_l=0) -> PairBatch:
     """``n`` pairs: shared prefix, differing block (lengths differ_w, differ_l), shared suffix,
     then unshared tails of lengths ``tail_w``, ``tail_l`` (unequal lengths at an aligned suffix)."""
     differ_w = differ if differ_w is None else differ_w
@@ -93,7 +69,7 @@ def blocks(rng, n, vocab, *, prefix=0, differ=1, suffix=0, differ_w=None, differ
     return _pad(yw, yl)
 
 
-def _pad(yw, yl) -> Pairs:
+def _pad(yw, yl) -> PairBatch:
     n, T = yw.shape[0], max(yw.shape[1], yl.shape[1])
     out = []
     for y in (yw, yl):
@@ -102,10 +78,10 @@ def _pad(yw, yl) -> Pairs:
         mask = np.zeros((n, T))
         mask[:, : y.shape[1]] = 1.0
         out.append((ids, mask))
-    return Pairs(out[0][0], out[1][0], out[0][1], out[1][1])
+    return PairBatch(out[0][0], out[1][0], out[0][1], out[1][1])
 
 
-def hamming(rng, n, vocab, length, distance, where="random") -> Pairs:
+def hamming(rng, n, vocab, length, distance, where="random") -> PairBatch:
     """Equal-length pairs differing at exactly ``distance`` positions.
 
     ``where``: 'random' (positions drawn per pair), 'start' or 'end' (a contiguous block).
@@ -130,7 +106,7 @@ def hamming(rng, n, vocab, length, distance, where="random") -> Pairs:
     return _pad(yw, yl)
 
 
-def sentiment(rng, n, vocab, kind) -> Pairs:
+def sentiment(rng, n, vocab, kind) -> PairBatch:
     """The paper's sentiment structures: '1t' (one differing token), 'short-suffix' (a
     differing token then 3 shared tokens), 'long-suffix' (then 24 shared tokens)."""
     if kind not in SENTIMENT:

@@ -124,19 +124,9 @@ def encode_rows(rows, tokenizer, max_length: int) -> Encoded:
 
 
 def collate(pairs, pad_id: int = 0) -> lm.PairBatch:
-    """Right-padded PairBatch of encoded pairs (response masks on the response tokens)."""
-    def side(key):
-        seqs = [(p.prompt, getattr(p, key)) for p in pairs]
-        T = max(len(a) + len(b) for a, b in seqs)
-        ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, (a, b) in enumerate(seqs):
-            ids[i, :len(a) + len(b)] = torch.tensor(a + b)
-            mask[i, len(a):len(a) + len(b)] = 1
-        return ids, mask
-    cw, mw = side("chosen")
-    cl, ml = side("rejected")
-    return lm.PairBatch(cw, cl, mw, ml)
+    """Right-padded PairBatch of encoded pairs (response masks on the response tokens, int64)."""
+    return lm.PairBatch.from_rows([p.prompt + p.chosen for p in pairs], [p.prompt + p.rejected for p in pairs],
+                                  [len(p.prompt) for p in pairs], pad_id, mask_dtype=torch.long)
 
 
 def buckets(pairs, batch_size: int):

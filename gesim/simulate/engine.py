@@ -130,14 +130,14 @@ def make_data(cfg: SimConfig, start: int, n: int):
     pairs = policies.pairs.blocks(rng, n, cfg.vocab, prefix=cfg.prefix, differ=cfg.differ, suffix=cfg.suffix,
                                   differ_w=cfg.differ_w, differ_l=cfg.differ_l, tail_w=cfg.tail_w,
                                   tail_l=cfg.tail_l)
-    inst = pol.init(rng, n, pairs.chosen.shape[1], dtype=getattr(torch, cfg.dtype), shared_rng=shared)
+    inst = pol.init(rng, n, pairs.chosen_ids.shape[1], dtype=getattr(torch, cfg.dtype), shared_rng=shared)
     return pol, inst, pairs
 
 
 def _tensors(pairs, dtype):
     t = lambda a, dt: torch.as_tensor(a, dtype=dt)  # noqa: E731
-    return (t(pairs.chosen, torch.long), t(pairs.mask_w, dtype), t(pairs.rejected, torch.long),
-            t(pairs.mask_l, dtype))
+    return (t(pairs.chosen_ids, torch.long), t(pairs.chosen_mask, dtype), t(pairs.rejected_ids, torch.long),
+            t(pairs.rejected_mask, dtype))
 
 
 def run_chunk(cfg: SimConfig, pol, inst, pairs, bar=None, engine: str = "auto") -> dict:

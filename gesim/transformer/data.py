@@ -112,21 +112,6 @@ class PairSet:
         return len(self.batch)
 
 
-def _pad(rows, pad_id):
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-    return ids
-
-
-def _masks(rows, starts, T):
-    mask = torch.zeros(len(rows), T)
-    for i, (r, s) in enumerate(zip(rows, starts)):
-        mask[i, s: len(r)] = 1.0
-    return mask
-
-
 def pairs(structure: str, n: int, seed: int, lang: Language | None = None, suffix_len: int | None = None) -> PairSet:
     """``n`` preference pairs of ``structure`` (see the module docstring), deterministic in ``seed``.
 
@@ -157,9 +142,7 @@ def pairs(structure: str, n: int, seed: int, lang: Language | None = None, suffi
         starts.append(len(prompt))
         words_w.append(resp_w)
         words_l.append(resp_l)
-    cw, cl = _pad(rows_w, lang.pad_id), _pad(rows_l, lang.pad_id)
-    batch = PairBatch(cw, cl, _masks(rows_w, starts, cw.shape[1]), _masks(rows_l, starts, cl.shape[1]))
-    return PairSet(batch, torch.tensor(starts), words_w, words_l)
+    return PairSet(PairBatch.from_rows(rows_w, rows_l, starts, lang.pad_id), torch.tensor(starts), words_w, words_l)
 
 
 def sft_sequences(structure: str, n: int, seed: int, label_noise: float = 0.1, lang: Language | None = None):

@@ -305,9 +305,7 @@ def _preference(model, cfg, structure, loss, params, progress, *, objective, mak
         steps = tqdm(steps, desc=f"{structure} {loss}", unit="step", initial=start, total=cfg.pref_steps)
 
     def loss_of(rows):
-        sub = lm.PairBatch(*(t[rows] for t in (train.chosen_ids, train.rejected_ids, train.chosen_mask,
-                                                 train.rejected_mask)))
-        return objective(model, sub, lw_ref[rows], ll_ref[rows], len_w[rows], len_l[rows])
+        return objective(model, train.take(rows), lw_ref[rows], ll_ref[rows], len_w[rows], len_l[rows])
 
     loop.train_steps(opt, loss_of, len(train), cfg.batch, g, steps, device=cfg.device, autocast=cfg.autocast,
                      callback=meter)
