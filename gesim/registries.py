@@ -27,8 +27,14 @@ RULES = {
     "calibrated": "gesim.methods.pairwise:Calibrated",
 }
 
-#: Pair structures of the Transformer's review language (:mod:`gesim.transformer.data`).
-STRUCTURES = ("1t", "short-suffix", "long-suffix", "mid", "unequal")
+#: Pair structures, the one table: name -> length of the suffix both responses share after the
+#: differing label token. The Transformer's review language (:mod:`gesim.transformer.data`)
+#: builds all five; the synthetic pairs (:func:`gesim.policies.pairs.structure`) the
+#: label-first three (``1t``, ``short-suffix``, ``long-suffix``).
+STRUCTURES = {"1t": 0, "short-suffix": 5, "long-suffix": 27, "mid": 5, "unequal": 5}
+
+#: The paper's three (label-first) structures: the Transformer study and the synthetic pairs.
+PAPER_STRUCTURES = ("1t", "short-suffix", "long-suffix")
 
 #: Transformer architectures (:mod:`gesim.transformer.train`).
 ARCHS = ("gpt", "hf-gpt2")

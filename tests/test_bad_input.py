@@ -91,6 +91,8 @@ CASES = [
     ("regime-bad-format", "gesim", [*REGIME, "--format", "xml"], "invalid choice: 'xml'"),
     # simulate
     ("simulate-unknown-policy", "gesim", [*SIM, "--policy", "nope"], "invalid choice: 'nope'"),
+    ("simulate-unknown-rule", "gesim", [*SIM, "--rule", "pngdx"], "invalid choice: 'pngdx'"),
+    # --optimizer: the deprecated name of --rule
     ("simulate-unknown-optimizer", "gesim", [*SIM, "--optimizer", "pngdx"], "invalid choice: 'pngdx'"),
     ("simulate-unknown-loss", "gesim", [*SIM, "--loss", "dpoo"], "unknown loss 'dpoo'"),
     ("simulate-eta-zero", "gesim", [*SIM, "--eta", "0"], "argument --eta: must be > 0"),
@@ -104,6 +106,8 @@ CASES = [
     ("simulate-param-out-of-range", "gesim", [*SIM, "--param", "beta=-1"], "out of range"),
     ("simulate-seed-not-integer", "gesim", [*SIM, "--seed", "abc"], "argument --seed"),
     # transformer: every case is refused before SFT starts
+    ("transformer-unknown-structure", "gesim", ["transformer", "--structure", "nope"], "invalid choice: 'nope'"),
+    # --dataset: the deprecated name of --structure
     ("transformer-unknown-dataset", "gesim", ["transformer", "--dataset", "nope"], "invalid choice: 'nope'"),
     ("transformer-unknown-loss", "gesim", ["transformer", "--loss", "nope"], "unknown loss 'nope'"),
     ("transformer-param-out-of-range", "gesim", ["transformer", "--param", "beta=-1"], "out of range"),

@@ -57,7 +57,7 @@ def _columns():
     from gesim.simulate import FIELDS
     from gesim.transformer.train import SCALARS
 
-    summary_fields = ("dataset", "loss", "params", "steps", "sft_loss_first", "sft_loss_last", "cos_first",
+    summary_fields = ("structure", "loss", "params", "steps", "sft_loss_first", "sft_loss_last", "cos_first",
                       "cos_last", "cos_mean", "lw_start", "lw_end", "ll_start", "ll_end", "regime_agreement",
                       "pair_agreement", "regimes", "pair_confusion", "batch_confusion", "token_cos_first",
                       "token_cos_last", "history", "config")

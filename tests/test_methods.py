@@ -62,7 +62,7 @@ def test_calibration_moves_k_into_the_band_and_leaves_ideal_pairs_alone():
 def test_simulator_runs_pngd_and_every_step_is_ideal():
     dpo = simulate(SimConfig(policy="context", suffix=32, instances=200, steps=3, eta=0.01, seed=0)).summary()
     pngd = simulate(SimConfig(policy="context", suffix=32, instances=200, steps=3, eta=0.01, seed=0,
-                              optimizer="pngd")).summary()
+                              rule="pngd")).summary()
     assert dpo["realised_regimes"]["ideal"] < 1
     assert pngd["realised_regimes"]["ideal"] == 1.0 and pngd["regime_agreement"] == 1.0
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from gesim import policies, symbolic
+from gesim import policies, registries, symbolic
 from gesim.errors import GesimError
 from gesim.policies import pairs as P
 
@@ -151,9 +151,9 @@ def test_pair_generators_structure():
     for where in ("random", "start", "end"):
         h = P.hamming(rng, 30, 5, 6, 4, where)
         assert (P.distance(h) == 4).all()
-    for kind, (_, _, suffix) in P.SENTIMENT.items():
-        s = P.sentiment(rng, 5, 10, kind)
-        assert (s.len_w == 1 + suffix).all() and (P.distance(s) == 1).all()
+    for name in P.LABEL_FIRST:
+        s = P.structure(rng, 5, 10, name)
+        assert (s.len_w == 1 + registries.STRUCTURES[name]).all() and (P.distance(s) == 1).all()
 
 
 @pytest.mark.parametrize("call, match", [
@@ -161,7 +161,7 @@ def test_pair_generators_structure():
     (lambda: P.blocks(np.random.default_rng(0), 3, 10, differ=0), "at least one token"),
     (lambda: P.hamming(np.random.default_rng(0), 3, 10, 4, 5), "distance"),
     (lambda: P.hamming(np.random.default_rng(0), 3, 10, 4, 2, "middle"), "position rule"),
-    (lambda: P.sentiment(np.random.default_rng(0), 3, 10, "2t"), "sentiment structure"),
+    (lambda: P.structure(np.random.default_rng(0), 3, 10, "mid"), "synthetic pair structure"),
     (lambda: policies.make("gpt"), "unknown policy"),
     (lambda: policies.make("context", contraction=1.5), "contraction"),
     (lambda: policies.make("context", depth=3), "depth"),

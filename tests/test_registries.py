@@ -45,7 +45,7 @@ def test_implementations_agree_with_the_registries():
     from gesim.transformer import data, train
 
     assert tuple(policies.POLICIES) == registries.POLICIES
-    assert tuple(data.STRUCTURES) == registries.STRUCTURES
+    assert data.STRUCTURES == tuple(registries.STRUCTURES) and data.SUFFIX is registries.STRUCTURES
     assert tuple(train.ARCHS) == registries.ARCHS
     assert tuple(train.OPTIMIZERS) == registries.TORCH_OPTIMIZERS
     assert tuple(train.AMP) == registries.AMP
@@ -66,8 +66,8 @@ def test_every_rule_resolves_to_a_class_with_step(name):
 def test_registries_load_no_torch_and_rules_need_no_prior_import():
     code = ("import sys, gesim.registries; assert 'torch' not in sys.modules; "
             "from gesim.simulate import SimConfig, simulate; "
-            "s = simulate(SimConfig(optimizer='pngd', instances=4, steps=1)).summary(); "
-            "s2 = simulate(SimConfig(optimizer='calibrated', instances=4, steps=1)).summary(); "
+            "s = simulate(SimConfig(rule='pngd', instances=4, steps=1)).summary(); "
+            "s2 = simulate(SimConfig(rule='calibrated', instances=4, steps=1)).summary(); "
             "print(s['instances'], s2['instances'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -14,12 +14,12 @@ from gesim.simulate import FIELDS, SimConfig, simulate, simulate_loop, sweeps
 SMALL = SimConfig(instances=60, steps=3, vocab=24, dim=8, suffix=6)
 
 
-@pytest.mark.parametrize("policy, optimizer, loss", [
+@pytest.mark.parametrize("policy, rule, loss", [
     ("context", "sgd", "dpo"), ("context", "adam", "simpo"), ("free_logits", "sgd", "ipo"),
     ("free_logits", "adam", "dpo"), ("single_token", "sgd", "cpo")])
-def test_vectorised_results_equal_the_per_instance_autograd_loop(policy, optimizer, loss):
+def test_vectorised_results_equal_the_per_instance_autograd_loop(policy, rule, loss):
     suffix = 0 if policy == "single_token" else 3
-    cfg = dataclasses.replace(SMALL, policy=policy, optimizer=optimizer, loss=loss, instances=4, chunk=3,
+    cfg = dataclasses.replace(SMALL, policy=policy, rule=rule, loss=loss, instances=4, chunk=3,
                               suffix=suffix, differ_l=None if policy == "single_token" else 2, eta=0.05)
     fast, plain = simulate(cfg).arrays, simulate_loop(cfg).arrays
     for key in FIELDS:
@@ -34,13 +34,13 @@ def test_determinism_under_seed():
     assert not np.allclose(a["ip"], c["ip"])
 
 
-@pytest.mark.parametrize("optimizer, eta", [("sgd", 1e-3), ("adam", 1e-4)])
-def test_regime_agreement_at_small_eta_for_every_loss(optimizer, eta):
+@pytest.mark.parametrize("rule, eta", [("sgd", 1e-3), ("adam", 1e-4)])
+def test_regime_agreement_at_small_eta_for_every_loss(rule, eta):
     """theory.md prediction 2: realised signs match the first-order regime for every loss.
 
     Points with a weight exactly zero (Heaviside kinks) are 'stalled' in both prediction and
     realisation, so they are counted honestly, not dropped."""
-    cfg = dataclasses.replace(SMALL, instances=100, steps=2, eta=eta, optimizer=optimizer, suffix=8)
+    cfg = dataclasses.replace(SMALL, instances=100, steps=2, eta=eta, rule=rule, suffix=8)
     low = {}
     for name in losses.names():
         s = simulate(dataclasses.replace(cfg, loss=name)).summary()
@@ -49,10 +49,10 @@ def test_regime_agreement_at_small_eta_for_every_loss(optimizer, eta):
     assert not low
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_first_order_error_shrinks_like_eta_squared(optimizer):
+@pytest.mark.parametrize("rule", ["sgd", "adam"])
+def test_first_order_error_shrinks_like_eta_squared(rule):
     """theory.md prediction 1 (and section 3 for Adam's preconditioned products)."""
-    out = sweeps.eta_sweep(dataclasses.replace(SMALL, optimizer=optimizer), [1e-4, 1e-3, 1e-2])
+    out = sweeps.eta_sweep(dataclasses.replace(SMALL, rule=rule), [1e-4, 1e-3, 1e-2])
     assert out["slope"] == pytest.approx(2.0, abs=0.15)
     assert out["rows"][0]["median_relative_error"] < 1e-3
 
@@ -64,7 +64,7 @@ def test_adam_first_order_uses_the_preconditioned_inner_products():
     from gesim import policies
     from gesim.simulate import engine, optim
 
-    cfg = dataclasses.replace(SMALL, optimizer="adam", eta=1e-5, instances=50)
+    cfg = dataclasses.replace(SMALL, rule="adam", eta=1e-5, instances=50)
     pol, inst, pairs = engine.make_data(cfg, 0, cfg.instances)
     yw, mw, yl, ml = engine._tensors(pairs, torch.float64)
     H_w, H_l = pol.features(inst, yw), pol.features(inst, yl)
@@ -121,7 +121,7 @@ def test_boundary_separates_simulated_regimes():
 
 
 @pytest.mark.parametrize("cfg, match", [
-    (SimConfig(loss="nope"), "unknown loss"), (SimConfig(optimizer="lion"), "unknown optimizer"),
+    (SimConfig(loss="nope"), "unknown loss"), (SimConfig(rule="lion"), "unknown update rule"),
     (SimConfig(eta=-1.0), "eta"), (SimConfig(policy="single_token", suffix=3), "one-token"),
     (SimConfig(instances=0), "instances"), (SimConfig(params={"beta": -1}), "out of range")])
 def test_bad_config_raises_gesim_error(cfg, match):
@@ -240,6 +240,14 @@ def test_floor_counts_the_cheaper_of_logit_and_weight_space_gemms():
 
 def test_engine_choice_is_checked():
     with pytest.raises(GesimError, match="SGD-family"):
-        simulate(dataclasses.replace(SMALL, optimizer="adam"), engine="logit")
+        simulate(dataclasses.replace(SMALL, rule="adam"), engine="logit")
     with pytest.raises(GesimError, match="unknown engine"):
         simulate(SMALL, engine="gpu")
+
+
+def test_optimizer_is_the_deprecated_name_of_the_update_rule():
+    """SimConfig's update rule is ``rule`` (a torch optimiser is TrainConfig.optimizer); the
+    former keyword still works, with a DeprecationWarning, and is not a field."""
+    with pytest.warns(DeprecationWarning, match="rule"):
+        old = SimConfig(optimizer="adam")
+    assert old == SimConfig(rule="adam") and "optimizer" not in dataclasses.asdict(old)

@@ -85,7 +85,7 @@ def test_the_shared_suffix_raises_the_start_cosine(one_thread):
 
 
 def test_cli_seeds_reports_per_seed_aggregate_and_claims(capsys, one_thread):
-    assert main(["transformer", "--dataset", "1t", "--seeds", "0,2", "--steps", "3", "--format", "json"]) == 0
+    assert main(["transformer", "--structure", "1t", "--seeds", "0,2", "--steps", "3", "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["seeds"] == [0, 2] and [r["seed"] for r in out["per_seed"]] == [0, 2]
     for key in ("cos_first", "dlw", "pair_agreement"):

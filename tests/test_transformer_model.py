@@ -106,7 +106,7 @@ def test_sft_label_noise_and_errors():
     assert 0.15 < float(flipped) < 0.25
     with pytest.raises(GesimError, match="label_noise"):
         data.sft_sequences("1t", 4, 0, label_noise=0.6)
-    with pytest.raises(GesimError, match="unknown dataset structure"):
+    with pytest.raises(GesimError, match="unknown pair structure"):
         data.pairs("2t", 4, 0)
 
 

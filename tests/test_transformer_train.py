@@ -26,7 +26,7 @@ def test_same_seed_same_numbers_and_cli_json(capsys):
     a = run("1t", "dpo", cfg=TINY)
     b = run("1t", "dpo", cfg=TINY)
     assert a["history"] == b["history"]
-    assert main(["transformer", "--dataset", "1t", "--loss", "nope"]) == 2
+    assert main(["transformer", "--structure", "1t", "--loss", "nope"]) == 2
     assert "unknown loss" in capsys.readouterr().err
 
 

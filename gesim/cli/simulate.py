@@ -41,9 +41,9 @@ def add_parser(sub) -> None:
     p.add_argument("--instances", type=positive_int, default=400, help="independent instances (default 400)")
     p.add_argument("--steps", type=positive_int, default=5, help="optimisation steps (default 5)")
     p.add_argument("--eta", type=positive_float, default=0.1, help="step size (default 0.1)")
-    p.add_argument("--optimizer", choices=registries.RULES, default="sgd",
+    p.add_argument("--rule", "--optimizer", dest="rule", choices=registries.RULES, default="sgd",
                    help="update rule: sgd, adam, or the mitigations pngd (pairwise-normalised) and calibrated "
-                   "(default sgd)")
+                   "(default sgd; --optimizer is its former, deprecated name)")
     p.add_argument("--vocab", type=positive_int, default=64, help="vocabulary size (default 64)")
     p.add_argument("--dim", type=positive_int, default=32, help="feature dimension (default 32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -93,8 +93,8 @@ def suffix_rows(cfg, suffixes, progress=False) -> list[dict]:
             worst = float(np.min(np.minimum(res.arrays["lw"][step], res.arrays["ll"][step])))
             raise GesimError(
                 f"diverged at step {step + 1} of {cfg.steps} (suffix {suffix}): {what}, log-probs down to "
-                f"{worst:.3g}; the step size --eta {cfg.eta:g} is likely too large for --optimizer "
-                f"{cfg.optimizer}, try a smaller one")
+                f"{worst:.3g}; the step size --eta {cfg.eta:g} is likely too large for --rule "
+                f"{cfg.rule}, try a smaller one")
         s = res.summary()
         rows.append({"loss": cfg.loss, "suffix": int(suffix), **{k: s[k] for k in (
             "instances", "steps", "mean_cos", "p_chosen_down", "p_rejected_up", "regime_agreement")},
@@ -109,16 +109,16 @@ def run(args) -> int:
     if args.policy == "single_token" and any(suffixes):
         raise GesimError("the single_token policy has one-token responses: use --suffix 0")
     cfg = SimConfig(policy=args.policy, loss=args.loss, params=parse_params(args.param),
-                    instances=args.instances, steps=args.steps, eta=args.eta, optimizer=args.optimizer,
+                    instances=args.instances, steps=args.steps, eta=args.eta, rule=args.rule,
                     seed=args.seed, vocab=args.vocab, dim=args.dim)
     cfg.check()
     rows = suffix_rows(cfg, suffixes, progress=args.progress)
     for r in rows:
-        r.update(policy=cfg.policy, optimizer=cfg.optimizer, eta=cfg.eta, seed=cfg.seed)
+        r.update(policy=cfg.policy, rule=cfg.rule, eta=cfg.eta, seed=cfg.seed)
     if args.format == "json":
         print(dump_json(rows))
     else:
-        print(f"policy={cfg.policy} loss={cfg.loss} optimizer={cfg.optimizer} eta={cfg.eta:g} "
+        print(f"policy={cfg.policy} loss={cfg.loss} rule={cfg.rule} eta={cfg.eta:g} "
               f"instances={cfg.instances} steps={cfg.steps} seed={cfg.seed}")
         print(f"{'suffix':>6}  {'mean_cos':>8}  {'p_chosen_down':>13}  {'p_rejected_up':>13}  {'regime_agreement':>16}")
         for r in rows:

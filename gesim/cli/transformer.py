@@ -1,5 +1,5 @@
 """``python -m gesim transformer``: SFT then preference optimisation of the small GPT on one
-synthetic dataset, with the entanglement measurements of :mod:`gesim.transformer.train`."""
+synthetic pair structure, with the entanglement measurements of :mod:`gesim.transformer.train`."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
                        description="SFT on the offline review language, then preference optimisation with a "
                        "registered loss; reports gradient cosines, log-prob changes and the agreement of "
                        "predicted and realised regimes on a fixed eval set.")
-    p.add_argument("--dataset", choices=registries.STRUCTURES, default="1t", help="pair structure (default 1t)")
+    p.add_argument("--structure", "--dataset", dest="structure", choices=registries.STRUCTURES, default="1t",
+                   help="pair structure (default 1t; --dataset is its former, deprecated name)")
     p.add_argument("--loss", default="dpo", metavar="NAME", help="a registered loss (default dpo)")
     add_param_option(p)
     p.add_argument("--mode", choices=registries.MODES, default="fast", help="config preset (default fast)")
@@ -74,12 +75,12 @@ def run(args) -> int:
     cfg = preset(seed=args.seed, device=args.device, arch=args.arch, optimizer=args.optimizer, **overrides)
     if seeds is not None:
         return _many(args, params, cfg, seeds)
-    out = train(args.dataset, args.loss, params, cfg, progress=args.progress, out=args.out, resume=args.resume)
+    out = train(args.structure, args.loss, params, cfg, progress=args.progress, out=args.out, resume=args.resume)
     _check_finite(out.get("history", []), cfg)
     if args.format == "json":
         print(dump_json(out))
         return 0
-    keys = ("dataset", "loss", "steps", "cos_first", "cos_last", "cos_mean", "lw_start", "lw_end", "ll_start",
+    keys = ("structure", "loss", "steps", "cos_first", "cos_last", "cos_mean", "lw_start", "lw_end", "ll_start",
             "ll_end", "regime_agreement", "pair_agreement")
     print("\n".join(f"{k:<17} {out[k]:.4f}" if isinstance(out[k], float) else f"{k:<17} {out[k]}" for k in keys))
     return 0
@@ -113,7 +114,7 @@ def _many(args, params, cfg, seeds) -> int:
     rows = []
     for seed in seeds:
         out_dir = Path(args.out) / f"seed-{seed}" if args.out else None
-        out = train(args.dataset, args.loss, params, dataclasses.replace(cfg, seed=seed), progress=args.progress,
+        out = train(args.structure, args.loss, params, dataclasses.replace(cfg, seed=seed), progress=args.progress,
                     out=out_dir, resume=args.resume)
         _check_finite(out.get("history", []), dataclasses.replace(cfg, seed=seed))
         rows.append({"seed": seed, **{k: out[k] for k in experiment.SUMMARY},
@@ -122,11 +123,11 @@ def _many(args, params, cfg, seeds) -> int:
     agg = {k: claims.spread(r[k] for r in rows) for k in keys}
     table = experiment.run_claims(rows)
     if args.format == "json":
-        print(dump_json({"dataset": args.dataset, "loss": args.loss, "params": params, "seeds": list(seeds),
+        print(dump_json({"structure": args.structure, "loss": args.loss, "params": params, "seeds": list(seeds),
                          "config": dataclasses.asdict(cfg), "aggregate": {k: v.as_dict() for k, v in agg.items()},
                          "claims": table, "per_seed": rows}))
         return 0
-    print(f"{args.dataset}, {args.loss}, {len(seeds)} seeds ({args.seeds}); mean [95% t interval]")
+    print(f"{args.structure}, {args.loss}, {len(seeds)} seeds ({args.seeds}); mean [95% t interval]")
     print("seed  " + "  ".join(f"{k:>10}" for k in ("cos_first", "cos_last", "dlw", "dll", "chosen_fell",
                                                      "pair_agree")))
     for r in rows:

@@ -30,7 +30,7 @@ def first_order_error(ctx):
     fig, ax = plotting.figure(1, 1, width=4.8, height=3.8)
     data = {"etas": etas.tolist(), "series": {}}
     for opt, marker in (("sgd", "o"), ("adam", "s")):
-        cfg = _cfg(ctx, suffix=8, optimizer=opt, instances=100 if ctx.fast else 1000)
+        cfg = _cfg(ctx, suffix=8, rule=opt, instances=100 if ctx.fast else 1000)
         out = sweeps.eta_sweep(cfg, etas if opt == "sgd" else etas / 100)
         x = [r["eta"] for r in out["rows"]]
         y = [r["median_error"] for r in out["rows"]]

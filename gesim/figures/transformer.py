@@ -14,9 +14,10 @@ import dataclasses
 
 import numpy as np
 
+from gesim import registries
 from gesim.figures import Context, figure
 
-DATASETS = ("1t", "short-suffix", "long-suffix")
+STRUCTURES = registries.PAPER_STRUCTURES
 LOSSES = ("dpo", "ipo", "simpo")
 COLORS = {"1t": "C0", "short-suffix": "C1", "long-suffix": "C3"}
 N_SEEDS = {"fast": 3, "full": 10}
@@ -54,15 +55,15 @@ def structures(ctx, loss="dpo"):
 
 @figure("transformer_dynamics",
         "Small GPT, DPO after SFT, over seeds: chosen and rejected log-prob changes and the gradient cosine over "
-        "training (mean with 95% band), for the 1t, short-suffix and long-suffix datasets")
+        "training (mean with 95% band), for the 1t, short-suffix and long-suffix structures")
 def transformer_dynamics(ctx):
     from gesim import plotting
     from gesim.transformer import experiment
 
     rows = structures(ctx)
     fig, axes = plotting.figure(1, 3, width=12, height=3.6)
-    for name in DATASETS:
-        mine = [r for r in rows if r["dataset"] == name]
+    for name in STRUCTURES:
+        mine = [r for r in rows if r["structure"] == name]
         steps = [h["step"] for h in mine[0]["history"]]
         lw = [[h["lw"] - r["history"][0]["lw"] for h in r["history"]] for r in mine]
         ll = [[h["ll"] - r["history"][0]["ll"] for h in r["history"]] for r in mine]
@@ -76,8 +77,8 @@ def transformer_dynamics(ctx):
         ax.axhline(0, color="0.7", lw=0.8)
     axes[2].legend()
     table = experiment.claims_table(structures=rows)
-    agg = experiment.aggregate(rows, ("dataset",), experiment.SUMMARY + experiment.OUTCOMES)
-    dlw = {a["dataset"]: a["dlw"]["mean"] for a in agg}
+    agg = experiment.aggregate(rows, ("structure",), experiment.SUMMARY + experiment.OUTCOMES)
+    dlw = {a["structure"]: a["dlw"]["mean"] for a in agg}
     order = table[0]
     fig.suptitle(f"DPO, AdamW, {len(seeds(ctx))} seeds: mean chosen change 1t {dlw['1t']:+.3f}, short "
                  f"{dlw['short-suffix']:+.3f}, long {dlw['long-suffix']:+.3f} nats; cos order long > short > 1t "
@@ -101,7 +102,7 @@ def _token_summary(m: dict) -> dict:
 
 @figure("token_cosine_heatmap",
         "Small GPT after DPO: cosines of per-token log-prob gradients, chosen tokens x rejected tokens, "
-        "for one eval pair of each dataset (theory.md prediction 11; first seed of the shared stream)")
+        "for one eval pair of each structure (theory.md prediction 11; first seed of the shared stream)")
 def token_cosine_heatmap(ctx):
     from gesim import plotting
     from gesim.transformer import experiment
@@ -110,8 +111,8 @@ def token_cosine_heatmap(ctx):
     cfg = dataclasses.replace(config(ctx), seed=seeds(ctx)[0])
     vocab = Language().vocab
     fig, axes = plotting.figure(1, 3, width=13, height=4.6, gridspec_kw={"width_ratios": [1, 2, 5]})
-    data = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "datasets": {}}
-    for ax, name in zip(axes, DATASETS):
+    data = {"config": dataclasses.asdict(cfg), "seed": cfg.seed, "structures": {}}
+    for ax, name in zip(axes, STRUCTURES):
         m = experiment.run_cached(name, "dpo", cfg)["token_cos_last"][0]
         cos = np.asarray(m["cos"])
         im = ax.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1)
@@ -119,11 +120,11 @@ def token_cosine_heatmap(ctx):
         ax.set_yticks(range(len(m["chosen"])), [vocab[i] for i in m["chosen"]], fontsize=6)
         ax.set_title(f"{name}")
         ax.set_xlabel("rejected tokens")
-        data["datasets"][name] = _token_summary(m) | {"pair": m}
+        data["structures"][name] = _token_summary(m) | {"pair": m}
     axes[0].set_ylabel("chosen tokens")
     fig.colorbar(im, ax=list(axes), shrink=0.8, label=r"$\cos(\nabla \log p_a, \nabla \log p_b)$")
-    label = {k: v["contrastive_cos"] for k, v in data["datasets"].items()}
-    shared = data["datasets"]["long-suffix"]["shared_diag_cos_mean"]
+    label = {k: v["contrastive_cos"] for k, v in data["structures"].items()}
+    shared = data["structures"]["long-suffix"]["shared_diag_cos_mean"]
     fig.suptitle(f"Token gradients: label tokens point apart (cos {label['1t']:+.2f} / {label['short-suffix']:+.2f}"
                  f" / {label['long-suffix']:+.2f}); the same suffix word at the same position is nearly parallel "
                  f"(mean {shared:+.2f})")
@@ -132,20 +133,20 @@ def token_cosine_heatmap(ctx):
 
 @figure("regime_agreement",
         "Small GPT: predicted against realised regime of one step on each eval pair alone (symbolic "
-        "prediction with Adam-preconditioned products), per dataset and loss, summed over seeds")
+        "prediction with Adam-preconditioned products), per structure and loss, summed over seeds")
 def regime_agreement(ctx):
     from gesim import claims, plotting, regimes
 
     short = ["ideal", "both\ndown", "both\nup", "w down\nl up", "stalled"]
-    fig, axes = plotting.figure(len(LOSSES), len(DATASETS), width=10, height=9.8)
+    fig, axes = plotting.figure(len(LOSSES), len(STRUCTURES), width=10, height=9.8)
     data = {"config": dataclasses.asdict(config(ctx)), "seeds": list(seeds(ctx)), "regimes": list(regimes.REGIMES),
             "runs": {}, "per_seed": []}
     worst = 1.0
     for i, loss in enumerate(LOSSES):
         rows = structures(ctx, loss)
         data["per_seed"] += [{k: v for k, v in r.items() if k != "history"} for r in rows]
-        for j, name in enumerate(DATASETS):
-            mine = [r for r in rows if r["dataset"] == name]
+        for j, name in enumerate(STRUCTURES):
+            mine = [r for r in rows if r["structure"] == name]
             C = np.sum([r["pair_confusion"] for r in mine], axis=0)
             pa, ba = (claims.spread(r[k] for r in mine) for k in ("pair_agreement", "regime_agreement"))
             worst = min(worst, pa.mean)

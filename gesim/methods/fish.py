@@ -41,12 +41,12 @@ from torch import Tensor
 from gesim.errors import GesimError
 
 Params = dict[str, Tensor]
-Loss = Callable[[Params], Tensor]
+DomainLoss = Callable[[Params], Tensor]  # one domain's loss of the parameters (not a gesim.losses.Loss)
 
 MAX_EXACT_S = 6  # S! orders are enumerated exactly; 6! = 720
 
 
-def _check(domain_losses: Sequence[Loss], alpha: float, eps: float = 1.0) -> None:
+def _check(domain_losses: Sequence[DomainLoss], alpha: float, eps: float = 1.0) -> None:
     if len(domain_losses) == 0:
         raise GesimError("Fish needs at least one domain loss")
     if not alpha > 0:
@@ -75,7 +75,7 @@ def _norm(a: Params) -> float:
     return math.sqrt(float(_dot(a, a)))
 
 
-def _inner_displacement(params: Params, domain_losses: Sequence[Loss], alpha: float, order) -> Params:
+def _inner_displacement(params: Params, domain_losses: Sequence[DomainLoss], alpha: float, order) -> Params:
     """theta~_S - theta for one order, accumulated step by step (no cancellation)."""
     theta = {k: v.detach() for k, v in params.items()}
     disp = {k: torch.zeros_like(v) for k, v in theta.items()}
@@ -91,7 +91,7 @@ def fish_gamma(alpha: float, S: int) -> float:
     return alpha * (S - 1) / 4
 
 
-def fish_step(params: Params, domain_losses: Sequence[Loss], alpha: float, eps: float,
+def fish_step(params: Params, domain_losses: Sequence[DomainLoss], alpha: float, eps: float,
               order: Sequence[int] | None = None) -> Params:
     """One Fish meta step: theta + eps (theta~_S - theta), inner SGD over the domains in `order`.
 
@@ -108,7 +108,7 @@ def fish_step(params: Params, domain_losses: Sequence[Loss], alpha: float, eps: 
     return {k: v.detach() + eps * disp[k] for k, v in params.items()}
 
 
-def fish_expected(params: Params, domain_losses: Sequence[Loss], alpha: float, eps: float = 1.0) -> Params:
+def fish_expected(params: Params, domain_losses: Sequence[DomainLoss], alpha: float, eps: float = 1.0) -> Params:
     """The expected Fish meta update E_pi[fish_step(theta, pi) - theta] = eps E_pi[theta~_S - theta].
 
     Exact average over all S! orders (S <= 6). By the expansion in the module docstring
@@ -126,7 +126,7 @@ def fish_expected(params: Params, domain_losses: Sequence[Loss], alpha: float, e
     return {k: eps * v / len(orders) for k, v in total.items()}
 
 
-def fish_target_gradient(params: Params, domain_losses: Sequence[Loss], gamma: float) -> Params:
+def fish_target_gradient(params: Params, domain_losses: Sequence[DomainLoss], gamma: float) -> Params:
     """grad(L_erm - gamma G_hat): the inter-domain gradient-matching objective of Shi et al.
 
     L_erm = (1/S) sum_i L_i (mean over domains) and G_hat = 2/(S(S-1)) sum_{i<j} <g_i, g_j>
@@ -144,7 +144,7 @@ def fish_target_gradient(params: Params, domain_losses: Sequence[Loss], gamma: f
     return {k: g.detach() for k, g in _grad(objective, leaves).items()}
 
 
-def disentangle_step(params: Params, lw: Loss, ll: Loss, alpha: float, eps: float = 1.0,
+def disentangle_step(params: Params, lw: DomainLoss, ll: DomainLoss, alpha: float, eps: float = 1.0,
                      d_w: float = 1.0, d_l: float = 1.0, order: Sequence[int] | None = None) -> Params:
     """Fish over the two "domains" of a preference pair: raise chosen, lower rejected.
 
@@ -166,14 +166,14 @@ def disentangle_step(params: Params, lw: Loss, ll: Loss, alpha: float, eps: floa
     return {k: v.detach() + update[k] for k, v in params.items()}
 
 
-def _toy_domains(S: int, dim: int, seed: int, dtype: torch.dtype) -> tuple[Params, list[Loss]]:
+def _toy_domains(S: int, dim: int, seed: int, dtype: torch.dtype) -> tuple[Params, list[DomainLoss]]:
     """A tanh MLP (D -> 6 -> 3 classes) with S shifted domains of 8 labelled points each."""
     gen = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)
     params = {"W1": randn(dim, 6) / math.sqrt(dim), "b1": 0.5 * randn(6), "W2": randn(6, 3)}
     data = [(randn(8, dim) + randn(1, dim), torch.randint(0, 3, (8,), generator=gen)) for _ in range(S)]
 
-    def domain_loss(x: Tensor, y: Tensor) -> Loss:
+    def domain_loss(x: Tensor, y: Tensor) -> DomainLoss:
         # (N, D) -> (N, 6) -> (N, 3) logits
         return lambda p: torch.nn.functional.cross_entropy(torch.tanh(x @ p["W1"] + p["b1"]) @ p["W2"], y)
 

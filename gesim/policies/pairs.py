@@ -8,8 +8,9 @@ a shared prefix (length ``prefix``), a differing block (lengths ``differ_w``, ``
 every position of the overlap differs, so with equal lengths the Hamming distance is
 ``differ``) and a shared suffix (length ``suffix``), optionally followed by unshared tails
 (``tail_w``, ``tail_l``). Unequal ``differ_w`` / ``differ_l`` or tails give unequal lengths. :func:`hamming` places
-``distance`` differing tokens anywhere in equal-length responses; :func:`sentiment` builds the
-three structures of the paper's sentiment study (`1t`, `short-suffix`, `long-suffix`).
+``distance`` differing tokens anywhere in equal-length responses; :func:`structure` builds the
+label-first structures of the sentiment study (`1t`, `short-suffix`, `long-suffix`) with the
+suffix lengths of the Transformer's language (the one table :data:`gesim.registries.STRUCTURES`).
 
 Each generator returns a :class:`gesim.lm.PairBatch` holding numpy arrays: ids (N, T) int64
 right-padded with id 0, masks (N, T) float64 (1 on response tokens).
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from gesim import registries
 from gesim.errors import GesimError, unknown
 from gesim.lm import PairBatch
 
-#: The paper's sentiment-study structures: (prefix, differ, suffix).
-SENTIMENT = {"1t": (0, 1, 0), "short-suffix": (0, 1, 3), "long-suffix": (0, 1, 24)}
+#: The structures the synthetic pairs build: one differing token, then the shared suffix.
+LABEL_FIRST = registries.PAPER_STRUCTURES
 
 
 def distance(pairs: PairBatch) -> np.ndarray:
@@ -106,10 +108,10 @@ def hamming(rng, n, vocab, length, distance, where="random") -> PairBatch:
     return _pad(yw, yl)
 
 
-def sentiment(rng, n, vocab, kind) -> PairBatch:
-    """The paper's sentiment structures: '1t' (one differing token), 'short-suffix' (a
-    differing token then 3 shared tokens), 'long-suffix' (then 24 shared tokens)."""
-    if kind not in SENTIMENT:
-        raise unknown("sentiment structure", kind, SENTIMENT)
-    prefix, differ, suffix = SENTIMENT[kind]
-    return blocks(rng, n, vocab, prefix=prefix, differ=differ, suffix=suffix)
+def structure(rng, n, vocab, name) -> PairBatch:
+    """The label-first structures: '1t' (one differing token), 'short-suffix' (a differing token
+    then 5 shared tokens), 'long-suffix' (then 27), as in the Transformer's review language
+    (``mid`` and ``unequal`` need its grammar)."""
+    if name not in LABEL_FIRST:
+        raise unknown("synthetic pair structure", name, LABEL_FIRST)
+    return blocks(rng, n, vocab, prefix=0, differ=1, suffix=registries.STRUCTURES[name])

@@ -23,6 +23,7 @@ the benchmark.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +39,8 @@ FIELDS = ("lw", "ll", "margin", "d_w", "d_l", "ip", "nw2", "nl2", "cos", "pred_d
 
 @dataclass(frozen=True)
 class SimConfig:
-    """One simulation: policy, pair structure, loss, optimiser, size and seed."""
+    """One simulation: policy, pair structure, loss, update rule (``rule``: a name in
+    :data:`gesim.registries.RULES`, not a torch optimiser), size and seed."""
 
     policy: str = "context"
     loss: str = "dpo"
@@ -46,7 +48,7 @@ class SimConfig:
     instances: int = 400
     steps: int = 5
     eta: float = 0.1
-    optimizer: str = "sgd"
+    rule: str = "sgd"
     seed: int = 0
     vocab: int = 64
     dim: int = 32
@@ -59,6 +61,13 @@ class SimConfig:
     tail_l: int = 0
     chunk: int = 500
     dtype: str = "float64"
+    optimizer: dataclasses.InitVar[str | None] = None  # deprecated: the former name of ``rule``
+
+    def __post_init__(self, optimizer):
+        if optimizer is not None:
+            warnings.warn("SimConfig(optimizer=...) is deprecated: the simulator's update rule is `rule`",
+                          DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "rule", optimizer)
 
     @classmethod
     def fast(cls, **overrides) -> SimConfig:
@@ -77,7 +86,7 @@ class SimConfig:
 
     def check(self) -> None:
         losses.get(self.loss).params(**self.params)
-        optim.make(self.optimizer, self.eta)
+        optim.make(self.rule, self.eta)
         self.make_policy()
         for name in ("instances", "steps", "chunk"):
             if int(getattr(self, name)) < 1:
@@ -149,7 +158,7 @@ def run_chunk(cfg: SimConfig, pol, inst, pairs, bar=None, engine: str = "auto") 
     dtype = inst.W0.dtype
     yw, mw, yl, ml = _tensors(pairs, dtype)
     H_w, H_l = pol.features(inst, yw), pol.features(inst, yl)  # (n, T, d)
-    rule = optim.make(cfg.optimizer, cfg.eta)
+    rule = optim.make(cfg.rule, cfg.eta)
     if _path(engine, rule) == "logit":
         return logit.run_block(cfg, H_w, H_l, inst.W0, yw, mw, yl, ml, pairs.len_w, pairs.len_l, rule, bar)
     W = inst.W0.clone()
@@ -235,7 +244,7 @@ def simulate(cfg: SimConfig, progress: bool = False, engine: str = "auto", worke
     from gesim import threads
 
     cfg.check()
-    block = block_size(cfg, _path(engine, optim.make(cfg.optimizer, cfg.eta)))
+    block = block_size(cfg, _path(engine, optim.make(cfg.rule, cfg.eta)))
     units = []
     for start in range(0, cfg.instances, cfg.chunk):
         n = min(cfg.chunk, cfg.instances - start)
@@ -293,7 +302,7 @@ def _one(cfg, pol, inst, pair, loss, params) -> dict:
     yw, mw, yl, ml = _tensors(pair, dtype)
     H_w, H_l = pol.features(inst, yw), pol.features(inst, yl)
     W = inst.W0.clone().requires_grad_(True)
-    rule = optim.make(cfg.optimizer, cfg.eta)
+    rule = optim.make(cfg.rule, cfg.eta)
     len_w, len_l = float(pair.len_w[0]), float(pair.len_l[0])
 
     def forward(W):

@@ -174,7 +174,7 @@ def run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar=None, s
     if not safe and not bool((pmin >= math.log(torch.finfo(dt).tiny) + 10).all()):  # NaN fails too
         if bar is not None:
             bar.update(-n * done)
-        rule = optim.make(cfg.optimizer, cfg.eta)  # fresh: rules may keep state
+        rule = optim.make(cfg.rule, cfg.eta)  # fresh: rules may keep state
         return run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar, safe=True)
     return _record(cfg, logp.double().numpy(), geo.double().numpy(), dd[:, 0], dd[:, 1], own)
 

@@ -112,7 +112,7 @@ def make(name: str, eta: float):
     """A fresh update rule ``name`` with step size ``eta``."""
     if name not in RULES:
         if name not in registries.RULES:
-            raise unknown("optimizer", name, {*RULES, *registries.RULES})
+            raise unknown("update rule", name, {*RULES, *registries.RULES})
         RULES.setdefault(name, registries.rule(name))
     if not (eta > 0 and eta < float("inf")):
         raise GesimError(f"eta is a step size and must be > 0 and finite, got {eta}")

@@ -5,7 +5,8 @@ Reviews come from a small grammar with sentiment-bearing words; the response is 
 optionally followed by a suffix whose slots (names, days, cities, numbers) keep entropy after
 SFT, which theory.md section 5 found necessary for a positive suffix cosine.
 
-Structures of a preference pair (chosen = correct label, rejected = the other one):
+Structures of a preference pair (chosen = correct label, rejected = the other one; names and
+suffix lengths from the one table :data:`gesim.registries.STRUCTURES`):
 
 =================  ===================================================================
 ``1t``             the responses are the label alone: they differ in exactly one token
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gesim import registries
 from gesim.errors import GesimError, unknown
 from gesim.lm import PairBatch
 
@@ -44,7 +46,7 @@ GLUE = ["the", "was", "and", "but", "with", "a", ".", "sentiment", ":", "positiv
 SPECIAL = ["<pad>", "<bos>", "<eos>"]
 VOCAB = SPECIAL + sorted(set(GLUE + POSITIVE + NEGATIVE + NOUNS + INTENS + NAMES + DAYS + CITIES + NUMBERS))
 
-STRUCTURES = ("1t", "short-suffix", "long-suffix", "mid", "unequal")
+STRUCTURES = tuple(registries.STRUCTURES)
 
 
 def _pick(rng: np.random.Generator, words: list[str]) -> str:
@@ -96,7 +98,8 @@ class Language:
         return words[:length]
 
 
-SUFFIX = {"1t": 0, "short-suffix": 5, "long-suffix": 27, "mid": 5, "unequal": 5}
+#: Shared suffix length per structure (the table :data:`gesim.registries.STRUCTURES`).
+SUFFIX = registries.STRUCTURES
 
 
 @dataclass
@@ -119,7 +122,7 @@ def pairs(structure: str, n: int, seed: int, lang: Language | None = None, suffi
     ``suffix_len`` tokens of its shared suffix, without ``<eos>``; the random draws are the
     same for every ``suffix_len``, so the sweep's pairs differ only in where they are cut."""
     if structure not in STRUCTURES:
-        raise unknown("dataset structure", structure, STRUCTURES)
+        raise unknown("pair structure", structure, STRUCTURES)
     if suffix_len is not None and structure not in ("1t", "short-suffix", "long-suffix"):
         raise GesimError(f"suffix_len needs a label-first structure (1t, short-suffix, long-suffix), not {structure!r}")
     if suffix_len is not None and not 0 <= suffix_len <= SUFFIX[structure]:

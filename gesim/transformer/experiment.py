@@ -4,7 +4,7 @@ Three experiments, each a list of per-seed rows (plain dicts, JSON-able) that
 :func:`aggregate` turns into a mean with its 95% t interval per number and :func:`claims`
 into "holds in k/n seeds" (:mod:`gesim.claims`):
 
-* :func:`structure_rows`: the paper's three datasets (``1t``, ``short-suffix``,
+* :func:`structure_rows`: the paper's three structures (``1t``, ``short-suffix``,
   ``long-suffix``) trained with one loss, every measurement on (cosines, one-pair and
   whole-batch first-order checks).
 * :func:`sweep_rows`: the mechanism itself. One SFT model per seed (trained on the 27-token
@@ -29,11 +29,11 @@ from functools import cache
 
 import numpy as np
 
-from gesim import claims, losses
+from gesim import claims, losses, registries
 from gesim.errors import GesimError
 from gesim.transformer.train import TrainConfig, run
 
-DATASETS = ("1t", "short-suffix", "long-suffix")
+STRUCTURES = registries.PAPER_STRUCTURES
 SWEEP_LENGTHS = (0, 1, 2, 4, 8, 16, 27)
 SUMMARY = ("cos_first", "cos_last", "cos_mean", "lw_start", "lw_end", "ll_start", "ll_end", "regime_agreement",
            "pair_agreement")
@@ -74,28 +74,28 @@ def _derivable(name: str, fn_id: int) -> bool:
 
 
 @cache
-def _run(dataset: str, loss: str, params: tuple, cfg: TrainConfig) -> dict:
-    return run(dataset, loss, dict(params), cfg=cfg)
+def _run(structure: str, loss: str, params: tuple, cfg: TrainConfig) -> dict:
+    return run(structure, loss, dict(params), cfg=cfg)
 
 
-def run_cached(dataset: str, loss: str, cfg: TrainConfig, params: dict | None = None) -> dict:
+def run_cached(structure: str, loss: str, cfg: TrainConfig, params: dict | None = None) -> dict:
     """:func:`gesim.transformer.train.run`, cached for the life of the process (figures share runs)."""
-    return _run(dataset, loss, tuple(sorted((params or {}).items())), cfg)
+    return _run(structure, loss, tuple(sorted((params or {}).items())), cfg)
 
 
 def _row(out: dict, keys) -> dict:
     return {k: out["outcomes"][k] for k in keys}
 
 
-def structure_rows(seeds, cfg: TrainConfig, loss: str = "dpo", datasets=DATASETS, tokens_on_first: bool = True):
-    """One row per (seed, dataset): the run's summary numbers and outcomes. Token cosines are
+def structure_rows(seeds, cfg: TrainConfig, loss: str = "dpo", structures=STRUCTURES, tokens_on_first: bool = True):
+    """One row per (seed, structure): the run's summary numbers and outcomes. Token cosines are
     measured on the first seed only (``tokens_on_first``), the costliest measurement."""
     rows = []
     for i, seed in enumerate(seeds):
-        for name in datasets:
+        for name in structures:
             c = dataclasses.replace(cfg, seed=seed, token_pairs=cfg.token_pairs if i == 0 and tokens_on_first else 0)
             out = run_cached(name, loss, c)
-            rows.append({"seed": seed, "dataset": name, "loss": loss, **{k: out[k] for k in SUMMARY},
+            rows.append({"seed": seed, "structure": name, "loss": loss, **{k: out[k] for k in SUMMARY},
                          **_row(out, OUTCOMES), "pair_confusion": out["pair_confusion"],
                          "batch_confusion": out["batch_confusion"],
                          "history": [{k: r[k] for k in ("step", "lw", "ll", "cos")} for r in out["history"]]})
@@ -122,14 +122,14 @@ def loss_budget(fast: bool = True) -> dict:
     return {"pref_steps": 30 if fast else 200}
 
 
-def loss_rows(seeds, cfg: TrainConfig, names=None, dataset: str = "long-suffix", budget: dict | None = None):
+def loss_rows(seeds, cfg: TrainConfig, names=None, structure: str = "long-suffix", budget: dict | None = None):
     """One row per (seed, loss): every supported loss with its defaults, one shared budget."""
     names = supported_losses() if names is None else tuple(names)
     budget = budget if budget is not None else {}
     rows = []
     for seed in seeds:
         for name in names:
-            out = run_cached(dataset, name, dataclasses.replace(cfg, seed=seed, light=True, **budget))
+            out = run_cached(structure, name, dataclasses.replace(cfg, seed=seed, light=True, **budget))
             rows.append({"seed": seed, "loss": name, **_row(out, LIGHT_OUTCOMES),
                          "pred_regimes": out["outcomes"]["pred_regimes"],
                          "real_regimes": out["outcomes"]["real_regimes"]})
@@ -173,17 +173,17 @@ def claims_table(structures=(), sweep=(), cross=(), agreement: float = 0.9) -> l
     """The paper's claims, each checked on every seed ("holds in k/n")."""
     out = []
     if structures:
-        s = _by_seed(structures, "dataset")
+        s = _by_seed(structures, "structure")
         out.append(_claim("cos order at the end: long-suffix > short-suffix > 1t",
                           [d["long-suffix"]["cos_last"] > d["short-suffix"]["cos_last"] > d["1t"]["cos_last"]
                            for d in s.values()]))
         out.append(_claim("1t: cos < 0 at the start", [d["1t"]["cos_first"] < 0 for d in s.values()]))
-        for name in DATASETS:
+        for name in STRUCTURES:
             want = "rises" if name == "1t" else "falls"
             out.append(_claim(f"{name}: mean chosen log-prob {want} over training",
                               [(d[name]["dlw"] > 0) == (want == "rises") for d in s.values()],
                               "mean over eval pairs of lw_final - lw_start"))
-        out.append(_claim(f"first order: whole-batch and one-pair agreement >= {agreement} on every dataset",
+        out.append(_claim(f"first order: whole-batch and one-pair agreement >= {agreement} on every structure",
                           [all(r["regime_agreement"] >= agreement and r["pair_agreement"] >= agreement
                                for r in d.values()) for d in s.values()]))
     for setting in dict.fromkeys(r["setting"] for r in sweep):
@@ -216,7 +216,7 @@ def claims_table(structures=(), sweep=(), cross=(), agreement: float = 0.9) -> l
 
 
 def run_claims(rows, agreement: float = 0.9) -> list[dict]:
-    """Claims about one (dataset, loss) over seeds (the CLI's ``--seeds``): per-seed summary rows in."""
+    """Claims about one (structure, loss) over seeds (the CLI's ``--seeds``): per-seed summary rows in."""
     return [_claim("mean chosen log-prob rises over training", [r["dlw"] > 0 for r in rows]),
             _claim("mean rejected log-prob falls over training", [r["dll"] < 0 for r in rows]),
             _claim("mean cos(g_w, g_l) > 0 at the start", [r["cos_first"] > 0 for r in rows]),

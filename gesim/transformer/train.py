@@ -104,7 +104,7 @@ class TrainConfig:
 
     @classmethod
     def fast(cls, **overrides) -> TrainConfig:
-        """CPU, a tiny model (116k parameters): about twenty seconds per dataset."""
+        """CPU, a tiny model (116k parameters): about twenty seconds per structure."""
         return dataclasses.replace(cls(), **overrides)
 
     @classmethod
@@ -414,7 +414,7 @@ def summary(structure: str, loss: str, params: dict, cfg: TrainConfig, sft_loss:
     h = out["history"]
     pair_c = np.sum([r["pair_confusion"] for r in h if "pair_confusion" in r], axis=0)
     batch_c = np.sum([r["batch_confusion"] for r in h], axis=0)
-    return {"dataset": structure, "loss": loss, "params": params, "steps": cfg.pref_steps,
+    return {"structure": structure, "loss": loss, "params": params, "steps": cfg.pref_steps,
             "sft_loss_first": sft_loss[0] if sft_loss else None, "sft_loss_last": sft_loss[-1] if sft_loss else None,
             "cos_first": h[0]["cos"], "cos_last": h[-1]["cos"], "cos_mean": float(np.mean([r["cos"] for r in h])),
             "lw_start": h[0]["lw"], "lw_end": h[-1]["lw"], "ll_start": h[0]["ll"], "ll_end": h[-1]["ll"],
@@ -443,7 +443,7 @@ def write_metrics(out: Path, result: dict) -> None:
 
 def run(structure: str, loss: str = "dpo", params: dict | None = None, cfg: TrainConfig | None = None,
         progress: bool = False, *, out=None, resume: bool = False, until: int | None = None, **hooks) -> dict:
-    """SFT then preference optimisation on one dataset: the :func:`summary` of the run.
+    """SFT then preference optimisation on one pair structure: the :func:`summary` of the run.
 
     ``out``: a folder for ``sft.pt``, ``checkpoint.pt``, ``metrics.csv`` and ``summary.json``;
     ``resume`` continues an interrupted run there; ``until`` stops early (resumable);
@@ -456,7 +456,7 @@ def run(structure: str, loss: str = "dpo", params: dict | None = None, cfg: Trai
     model, sft_loss = sft_model(structure, cfg, out)
     result = preference(model, cfg, structure, loss, params, progress, out=out, resume=resume, until=until, **hooks)
     if not result["done"]:
-        return {"dataset": structure, "loss": loss, "done": False, "history": result["history"]}
+        return {"structure": structure, "loss": loss, "done": False, "history": result["history"]}
     final = summary(structure, loss, params, cfg, sft_loss, result)
     if out:
         write_metrics(out, final)
