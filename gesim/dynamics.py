@@ -4,7 +4,8 @@ Builds on :mod:`gesim.symbolic` (the weights d_w, d_l of any registered loss) an
 :mod:`gesim.regimes` (the first-order identity and the regime names). Shapes: ``N`` pairs,
 ``P`` parameters.
 
-* :func:`predict`: one SGD step on each pair alone (theory.md section 2).
+* :func:`predict` (:func:`evaluate` for one pair): one SGD step on each pair alone (theory.md
+  section 2), from the closed-form weights d_w, d_l of :mod:`gesim.symbolic`.
 * :func:`geometry`: ip, nw2, nl2, cos, rho from gradient vectors, optionally P-weighted
   (a diagonal preconditioner such as Adam's, theory.md section 3).
 * :func:`batch_first_order`: one step on a whole batch, where pairs couple through the Gram
@@ -21,16 +22,36 @@ from __future__ import annotations
 import numpy as np
 
 from gesim import regimes, symbolic
+from gesim.errors import GesimError
 
 
-def predict(loss, *, lw, ll, ip, nw2, nl2, lw_ref=0.0, ll_ref=0.0, len_w=1.0, len_l=1.0, eta=1.0,
+def predict(loss, *, lw, ll, ip, nw2, nl2, lw_ref=0.0, ll_ref=0.0, len_w=1.0, len_l=1.0, eta=1.0, check=True,
             **params) -> dict:
-    """First-order changes and regimes of loss ``loss`` for arrays of pairs (broadcasting).
+    """First-order changes and regimes of one SGD step on each pair alone, vectorised (broadcasting).
 
-    Returns arrays ``d_w, d_l, delta_lw, delta_ll, delta_margin, regime`` (regime names).
+    ``loss``: a registered name, a :class:`gesim.losses.Loss` or a :class:`gesim.symbolic.Derivation`
+    (its closed-form weights d_w, d_l); ``params`` override the loss's defaults. With
+    delta lw = eta (d_w nw2 - d_l ip) and delta ll = eta (d_w ip - d_l nl2) (theory.md section 2,
+    :func:`gesim.regimes.first_order`), returns arrays ``d_w, d_l, delta_lw, delta_ll,
+    delta_margin, regime`` (regime names). ``check``: refuse a geometry with ip^2 > nw2 nl2 or
+    negative norms, and a step size that is not positive and finite.
     """
-    return symbolic.derive(loss).predict(lw=lw, ll=ll, ip=ip, nw2=nw2, nl2=nl2, lw_ref=lw_ref,
-                                         ll_ref=ll_ref, len_w=len_w, len_l=len_l, eta=eta, **params)
+    d = loss if isinstance(loss, symbolic.Derivation) else symbolic.derive(getattr(loss, "name", loss))
+    if check:
+        regimes.check_geometry(ip, nw2, nl2)
+        if not (np.all(np.isfinite(eta)) and np.all(np.asarray(eta) > 0)):
+            raise GesimError(f"eta is a step size and must be > 0 and finite, got {eta}")
+    d_w, d_l = d.weights(lw, ll, lw_ref, ll_ref, len_w, len_l, **params)
+    delta_lw, delta_ll = regimes.first_order(d_w, d_l, np.asarray(ip, float), np.asarray(nw2, float),
+                                             np.asarray(nl2, float), eta)
+    return {"d_w": d_w, "d_l": d_l, "delta_lw": delta_lw, "delta_ll": delta_ll,
+            "delta_margin": delta_lw - delta_ll, "regime": regimes.classify(delta_lw, delta_ll, d_w, d_l)}
+
+
+def evaluate(loss, **values) -> dict:
+    """:func:`predict` for one pair: a dict of floats plus the regime name."""
+    out = predict(loss, **values)
+    return {key: (str(v) if key == "regime" else float(v)) for key, v in out.items()}
 
 
 def geometry(g_w, g_l, precond=None) -> dict:

@@ -11,7 +11,7 @@ expressions, with fast numpy evaluators, cached per loss::
 
     d = gesim.symbolic.derive("simpo")
     d.k                       # len_l/len_w: SimPO's thresholds move with the length ratio
-    d.evaluate(lw=-5, ll=-6, len_w=10, len_l=12, ip=1.0, nw2=2.0, nl2=3.0)
+    gesim.dynamics.evaluate(d, lw=-5, ll=-6, len_w=10, len_l=12, ip=1.0, nw2=2.0, nl2=3.0)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from functools import cached_property
 import numpy as np
 import sympy as sp
 
-from gesim import losses, regimes
+from gesim import losses
 from gesim.backends import LAMBDIFY_NUMPY, sympy_ops
 from gesim.errors import GesimError
 
@@ -110,24 +110,6 @@ class Derivation:
             d_w, d_l = self._weights_fn(*args, *(values[p.name] for p in self.params))
         shape = np.broadcast(*args).shape
         return np.broadcast_to(np.asarray(d_w, float), shape), np.broadcast_to(np.asarray(d_l, float), shape)
-
-    def predict(self, *, lw, ll, ip, nw2, nl2, lw_ref=0.0, ll_ref=0.0, len_w=1.0, len_l=1.0,
-                eta=1.0, check=True, **params) -> dict:
-        """First-order prediction, vectorised: d_w, d_l, delta_lw, delta_ll, delta_margin, regime."""
-        if check:
-            regimes.check_geometry(ip, nw2, nl2)
-            if not (np.all(np.isfinite(eta)) and np.all(np.asarray(eta) > 0)):
-                raise GesimError(f"eta is a step size and must be > 0 and finite, got {eta}")
-        d_w, d_l = self.weights(lw, ll, lw_ref, ll_ref, len_w, len_l, **params)
-        delta_lw, delta_ll = regimes.first_order(d_w, d_l, np.asarray(ip, float), np.asarray(nw2, float),
-                                                 np.asarray(nl2, float), eta)
-        return {"d_w": d_w, "d_l": d_l, "delta_lw": delta_lw, "delta_ll": delta_ll,
-                "delta_margin": delta_lw - delta_ll, "regime": regimes.classify(delta_lw, delta_ll, d_w, d_l)}
-
-    def evaluate(self, **values) -> dict:
-        """:meth:`predict` for one pair: a dict of floats plus the regime name."""
-        out = self.predict(**values)
-        return {key: (str(v) if key == "regime" else float(v)) for key, v in out.items()}
 
     # ---- tables --------------------------------------------------------------------------
     def row(self) -> dict:

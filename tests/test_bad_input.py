@@ -258,11 +258,11 @@ POINT = {"lw": -5.0, "ll": -6.0, "ip": 1.0, "nw2": 2.0, "nl2": 3.0}
     ({"eta": -0.1}, "eta is a step size and must be > 0 and finite, got -0.1"),
 ])
 def test_the_python_api_refuses_what_the_cli_refuses(change, fragment):
-    from gesim import dynamics, symbolic
+    from gesim import dynamics
     from gesim.errors import GesimError
 
     with pytest.raises(GesimError, match=fragment.replace("(", r"\(")):
-        symbolic.derive("dpo").evaluate(**{**POINT, **change})
+        dynamics.evaluate("dpo", **{**POINT, **change})
     with pytest.raises(GesimError, match="must be|cannot be"):
         dynamics.predict("simpo", **{**POINT, **change})
 

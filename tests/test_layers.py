@@ -9,7 +9,7 @@ import pytest
 
 def test_import_gesim_loads_neither_torch_nor_matplotlib():
     code = ("import sys, gesim, gesim.losses, gesim.symbolic, gesim.dynamics; "
-            "gesim.symbolic.derive('dpo').evaluate(lw=-1, ll=-2, ip=0, nw2=1, nl2=1); "
+            "gesim.dynamics.evaluate('dpo', lw=-1, ll=-2, ip=0, nw2=1, nl2=1); "
             "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

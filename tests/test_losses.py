@@ -12,7 +12,7 @@ import sympy as sp
 import torch
 
 import gesim
-from gesim import losses, symbolic
+from gesim import dynamics, losses, symbolic
 from gesim.backends import stop_gradient
 from gesim.errors import GesimError
 
@@ -89,7 +89,7 @@ def test_hand_value_dpo():
     lw, ll, lw_ref, ll_ref, beta = -5.0, -7.0, -6.0, -6.5, 0.1
     h = (lw - lw_ref) - (ll - ll_ref)  # 1.5
     assert losses.get("dpo")("numpy", lw, ll, lw_ref, ll_ref, 3, 4) == pytest.approx(-math.log(sig(beta * h)))
-    out = symbolic.derive("dpo").evaluate(lw=lw, ll=ll, lw_ref=lw_ref, ll_ref=ll_ref, ip=0.5, nw2=2.0, nl2=1.0,
+    out = dynamics.evaluate("dpo", lw=lw, ll=ll, lw_ref=lw_ref, ll_ref=ll_ref, ip=0.5, nw2=2.0, nl2=1.0,
                                           eta=0.1)
     c = beta * sig(-beta * h)
     assert out["d_w"] == pytest.approx(c) and out["d_l"] == pytest.approx(c)
@@ -370,7 +370,7 @@ def test_user_loss_in_five_lines_gets_its_conditions():
     try:
         d = gesim.symbolic.derive("user_sq")
         assert sp.simplify(d.k - 1) == 0  # a margin loss: k = 1
-        out = d.evaluate(lw=-5, ll=-6, ip=1.0, nw2=2.0, nl2=3.0, eta=1.0, beta=1.0)
+        out = dynamics.evaluate(d, lw=-5, ll=-6, ip=1.0, nw2=2.0, nl2=3.0, eta=1.0, beta=1.0)
         c = sig(-1.0) - 2 * 1.0 / 100
         assert out["d_w"] == pytest.approx(c) and out["delta_lw"] == pytest.approx(c * (2.0 - 1.0))
         assert "user_sq" in symbolic.table(fmt="markdown")
@@ -427,3 +427,21 @@ def test_table_rows_carry_the_trl_record():
     assert symbolic.derive("rpo_trl").row()["trl"]["loss_type"] == ["sigmoid", "sft"]
     assert symbolic.derive("slic_hf").row()["trl"] is None
     assert '"trl": null' in symbolic.table(["slic_hf"], fmt="json")
+
+
+@pytest.mark.parametrize("name", losses.names())
+def test_loss_weights_by_autograd_equal_the_closed_forms(name):
+    """Loss.weights (the one autograd copy, used by the simulator's reference loop, PNGD and
+    Fish) equals the symbolic closed forms of every registered loss on a batch of pairs."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    pt = {"lw": -rng.uniform(1, 20, 6), "ll": -rng.uniform(1, 20, 6), "lw_ref": -rng.uniform(1, 20, 6),
+          "ll_ref": -rng.uniform(1, 20, 6), "len_w": rng.integers(1, 30, 6).astype(float),
+          "len_l": rng.integers(1, 30, 6).astype(float)}
+    want = symbolic.derive(name).weights(*pt.values())
+    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in pt.items()}
+    got = losses.get(name).weights(*t.values())
+    for g, w in zip(got, want):
+        assert g.shape == (6,) and not g.requires_grad
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-9, atol=1e-12)

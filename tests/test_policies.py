@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from gesim import policies, registries, symbolic
+from gesim import dynamics, policies, registries
 from gesim.errors import GesimError
 from gesim.policies import pairs as P
 
@@ -85,7 +85,7 @@ def test_single_token_ip_closed_form_and_always_ideal_under_dpo(case):
     np.testing.assert_allclose(nl2 - ip, h2 * (1 - p_l + p_w), rtol=1e-10, atol=1e-12)
     assert np.array_equal(ip < 0, pp < p_w + p_l)
     assert (ip < 0).any() and (ip > 0).any()  # both signs occur: the test can tell them apart
-    reg = symbolic.derive("dpo").predict(lw=np.log(p_w), ll=np.log(p_l), lw_ref=-1.0, ll_ref=-2.0,
+    reg = dynamics.predict("dpo", lw=np.log(p_w), ll=np.log(p_l), lw_ref=-1.0, ll_ref=-2.0,
                                          ip=ip, nw2=nw2, nl2=nl2, eta=0.1)["regime"]
     assert set(reg) == {"ideal"}
 

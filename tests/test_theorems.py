@@ -58,7 +58,7 @@ def step_check(name, seed, etas, **params):
     geo = {"ip": float(g_w @ g_l), "nw2": float(g_w @ g_w), "nl2": float(g_l @ g_l)}
     out = []
     for eta in etas:
-        pred = symbolic.derive(name).predict(**data, **geo, eta=eta, **params)
+        pred = dynamics.predict(name, **data, **geo, eta=eta, **params)
         W1 = W0 - eta * grad
         real = (float(logp(W1, seq_w)) - data["lw"], float(logp(W1, seq_l)) - data["ll"])
         out.append((pred, real))
@@ -147,12 +147,12 @@ def test_p5_high_cosine_smaller_norm_moves_the_wrong_way():
     d = symbolic.derive("dpo")
     rho = np.array([0.5, 0.8, 0.95, 1.25, 2.0])
     for cos in (0.97, 0.99, 0.999):
-        out = d.predict(lw=-10, ll=-12, ip=cos * rho, nw2=rho**2, nl2=np.ones_like(rho))
+        out = dynamics.predict(d, lw=-10, ll=-12, ip=cos * rho, nw2=rho**2, nl2=np.ones_like(rho))
         expect = np.where(rho < cos, "both_down", np.where(1 / rho < cos, "both_up", "ideal"))
         assert list(out["regime"]) == list(expect)
     # ||g_l|| > ||g_w|| with cos near 1 -> both down; the reverse -> both up
-    assert d.evaluate(lw=-1, ll=-1, ip=0.99 * 0.5, nw2=0.25, nl2=1.0)["regime"] == "both_down"
-    assert d.evaluate(lw=-1, ll=-1, ip=0.99 * 2.0, nw2=4.0, nl2=1.0)["regime"] == "both_up"
+    assert dynamics.evaluate(d, lw=-1, ll=-1, ip=0.99 * 0.5, nw2=0.25, nl2=1.0)["regime"] == "both_down"
+    assert dynamics.evaluate(d, lw=-1, ll=-1, ip=0.99 * 2.0, nw2=4.0, nl2=1.0)["regime"] == "both_up"
 
 
 @pytest.mark.parametrize("name", ["simpo", "ipo_norm", "sigmoid_norm"])
@@ -166,7 +166,7 @@ def test_p6_length_normalised_thresholds_are_the_length_ratio(name):
     nw2, nl2 = rng.uniform(0.1, 4, n), rng.uniform(0.1, 4, n)
     ip = rng.uniform(-1, 1, n) * np.sqrt(nw2 * nl2)
     lw, ll = -rng.uniform(1, 3, n) * len_w, -rng.uniform(1, 3, n) * len_l
-    out = d.predict(lw=lw, ll=ll, len_w=len_w, len_l=len_l, ip=ip, nw2=nw2, nl2=nl2)
+    out = dynamics.predict(d, lw=lw, ll=ll, len_w=len_w, len_l=len_l, ip=ip, nw2=nw2, nl2=nl2)
     np.testing.assert_array_equal(out["delta_lw"] > 0, ip < len_l / len_w * nw2)
     np.testing.assert_array_equal(out["delta_ll"] < 0, ip < len_w / len_l * nl2)
 
@@ -211,7 +211,7 @@ def test_chosen_nll_term_adds_to_d_w_only(name, lam, per_token):
 def test_inactive_hinge_leaves_only_the_sft_term_and_rejected_drifts_up():
     d = symbolic.derive("slic_hf")
     # hinge inactive: lw - ll > delta
-    out = d.evaluate(lw=-2.0, ll=-10.0, ip=0.5, nw2=1.0, nl2=1.0, eta=0.1)
+    out = dynamics.evaluate(d, lw=-2.0, ll=-10.0, ip=0.5, nw2=1.0, nl2=1.0, eta=0.1)
     assert out["d_l"] == 0
     assert out["delta_ll"] == pytest.approx(0.1 * 0.1 * 0.5)  # eta lam ip > 0
     assert out["regime"] == "both_up"

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from gesim import losses, symbolic
+from gesim import dynamics, losses
 from gesim.cli.options import add_format_option, add_param_option, dump_json, finite_float, parse_params, positive_float
 from gesim.errors import GesimError
 
@@ -36,7 +36,7 @@ def run(args) -> int:
     params = parse_params(args.param)
     loss.params(**params)  # validate before deriving
     with np.errstate(all="ignore"):  # an overflow is reported below, in one line, not as warnings
-        out = symbolic.derive(loss).evaluate(
+        out = dynamics.evaluate(loss,
             lw=args.lw, ll=args.ll, lw_ref=args.lw_ref, ll_ref=args.ll_ref, len_w=args.len_w, len_l=args.len_l,
             ip=args.ip, nw2=args.nw2, nl2=args.nl2, eta=args.eta, **params)
     bad = [k for k, v in out.items() if isinstance(v, float) and not math.isfinite(v)]

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from gesim import losses, regimes, symbolic
+from gesim import dynamics, losses, regimes, symbolic
 from gesim.figures import figure
 
 #: The data point at which each loss's weights are evaluated: the start of training
@@ -23,7 +23,7 @@ def phase_grid(loss: str, n: int, log2_rho_max: float = 2.0, point=None):
     cos = np.linspace(-1, 1, n)
     rho = 2.0 ** np.linspace(-log2_rho_max, log2_rho_max, n)
     C, R = np.meshgrid(cos, rho)
-    out = symbolic.derive(loss).predict(**(point or PHASE_POINT), ip=C * R, nw2=R**2, nl2=np.ones_like(R))
+    out = dynamics.predict(loss, **(point or PHASE_POINT), ip=C * R, nw2=R**2, nl2=np.ones_like(R))
     codes = regimes.regime_codes(out["delta_lw"], out["delta_ll"], out["d_w"], out["d_l"])
     return cos, rho, codes
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from gesim import lm, regimes, symbolic
+from gesim import dynamics, lm, regimes, symbolic
 from gesim.errors import GesimError
 from gesim.probe import api
 from gesim.probe.encode import collate, encode_rows
@@ -109,7 +109,7 @@ class EntanglementCallback(TrainerCallback):
             model, batch, params=self.params, precond=P).items()}
         len_w = self.batch.chosen_mask.sum(1).double().numpy()
         len_l = self.batch.rejected_mask.sum(1).double().numpy()
-        pred = self.derivation.predict(lw=c["lw"], ll=c["ll"], ip=pc["ip"], nw2=pc["nw2"], nl2=pc["nl2"],
+        pred = dynamics.predict(self.derivation, lw=c["lw"], ll=c["ll"], ip=pc["ip"], nw2=pc["nw2"], nl2=pc["nl2"],
                                        lw_ref=c["lw"], ll_ref=c["ll"], len_w=len_w, len_l=len_l, eta=eta,
                                        check=False, **self.loss_params)
         out = {f"entanglement/frac_{k}": float(np.mean(pred["regime"] == k)) for k in regimes.REGIMES}

@@ -110,6 +110,25 @@ class Loss:
             ops = backend(ops)
         return self.fn(ops, lw, ll, lw_ref, ll_ref, len_w, len_l, **self.params(**params))
 
+    def weights(self, lw, ll, lw_ref=0.0, ll_ref=0.0, len_w=1.0, len_l=1.0, **params):
+        """The loss weights d_w = -dL/dlw and d_l = dL/dll of every pair, by torch autograd.
+
+        ``lw``, ``ll``: torch tensors (B,) or scalars (attached or not; the weights are taken
+        at their values and returned detached, same shape); the rest broadcast. Each pair's
+        loss depends on its own (lw, ll) only, so the gradient of the batch sum gives every
+        pair's weights at once. A loss that does not depend on lw (or ll) has d_w = 0 (d_l = 0).
+        The closed forms, for numpy arrays or sympy, are :meth:`gesim.symbolic.Derivation.weights`.
+        """
+        import torch
+
+        a, b = lw.detach().requires_grad_(True), ll.detach().requires_grad_(True)
+        with torch.enable_grad():
+            L = self("torch", a, b, lw_ref, ll_ref, len_w, len_l, **params).sum()
+            dLa, dLb = torch.autograd.grad(L, (a, b), allow_unused=True)
+        d_w = -dLa if dLa is not None else torch.zeros_like(a)
+        d_l = dLb if dLb is not None else torch.zeros_like(b)
+        return d_w.detach(), d_l.detach()
+
 
 _REGISTRY: dict[str, Loss] = {}
 

@@ -238,11 +238,8 @@ def disentangle_objective(loss: str = "dpo", params: dict | None = None, alpha: 
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         with torch.no_grad():
             lw, ll = lm.pair_logps(model, batch)
-        a_, b_ = lw.detach().requires_grad_(True), ll.detach().requires_grad_(True)
-        total = lossfn("torch", a_, b_, lw_ref, ll_ref, len_w, len_l, **params).sum()
-        dLa, dLb = torch.autograd.grad(total, (a_, b_), allow_unused=True)
-        d_w = (-dLa if dLa is not None else torch.zeros_like(lw)).detach() / len(batch)
-        d_l = (dLb if dLb is not None else torch.zeros_like(ll)).detach() / len(batch)
+        total = lossfn("torch", lw, ll, lw_ref, ll_ref, len_w, len_l, **params).sum()
+        d_w, d_l = (d / len(batch) for d in lossfn.weights(lw, ll, lw_ref, ll_ref, len_w, len_l, **params))
         domains = [lambda p: -(d_w * lm.pair_logps(lm.at_params(model, p), batch)[0]).sum(),
                    lambda p: (d_l * lm.pair_logps(lm.at_params(model, p), batch)[1]).sum()]
         theta = {n: p.detach() for n, p in named.items()}

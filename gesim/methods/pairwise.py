@@ -103,12 +103,8 @@ def _reweighted_objective(loss: str, params: dict, weights):
     def objective(model, batch, lw_ref, ll_ref, len_w, len_l):
         stats = probe.pair_stats(model, batch)  # exact per-pair ip, nw2, nl2 (no graph)
         lw, ll = lm.pair_logps(model, batch)
-        a_, b_ = lw.detach().requires_grad_(True), ll.detach().requires_grad_(True)
-        L = lossfn("torch", a_, b_, lw_ref, ll_ref, len_w, len_l, **params).sum()
-        dLa, dLb = torch.autograd.grad(L, (a_, b_), allow_unused=True)
-        d_w = -dLa if dLa is not None else torch.zeros_like(lw)
-        d_l = dLb if dLb is not None else torch.zeros_like(ll)
-        a, b = weights(d_w.detach(), d_l.detach(), {k: v.to(lw.dtype) for k, v in stats.items()})
+        d_w, d_l = lossfn.weights(lw, ll, lw_ref, ll_ref, len_w, len_l, **params)
+        a, b = weights(d_w, d_l, {k: v.to(lw.dtype) for k, v in stats.items()})
         return (-a * lw + b * ll).mean()
 
     return objective

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gesim import data, losses, output, regimes, symbolic
+from gesim import data, dynamics, losses, output, regimes
 from gesim.errors import GesimError
 from gesim.probe import api
 from gesim.probe.encode import buckets, collate, encode_rows
@@ -93,7 +93,7 @@ def predict_regimes(rows, loss_names):
     col = {k: np.array([r[k] for r in rows], float) for k in ("lw", "ll", "ip", "nw2", "nl2", "len_w", "len_l")}
     fractions = {}
     for name in loss_names:
-        pred = symbolic.derive(name).predict(lw=col["lw"], ll=col["ll"], ip=col["ip"], nw2=col["nw2"], nl2=col["nl2"],
+        pred = dynamics.predict(name, lw=col["lw"], ll=col["ll"], ip=col["ip"], nw2=col["nw2"], nl2=col["nl2"],
                                              lw_ref=col["lw"], ll_ref=col["ll"], len_w=col["len_w"],
                                              len_l=col["len_l"], check=False)
         for r, regime in zip(rows, pred["regime"]):

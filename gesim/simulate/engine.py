@@ -317,12 +317,7 @@ def _one(cfg, pol, inst, pair, loss, params) -> dict:
     lw_ref, ll_ref = float(lw), float(ll)
     rows = []
     for _ in range(cfg.steps):
-        a = lw.clone().requires_grad_(True)
-        b = ll.clone().requires_grad_(True)
-        L = loss("torch", a, b, lw_ref, ll_ref, len_w, len_l, **params)
-        dLa, dLb = torch.autograd.grad(L, (a, b), allow_unused=True)
-        d_w = -float(dLa) if dLa is not None else 0.0
-        d_l = float(dLb) if dLb is not None else 0.0
+        d_w, d_l = (float(d) for d in loss.weights(lw, ll, lw_ref, ll_ref, len_w, len_l, **params))
         upd = rule.step(g_w, g_l, torch.tensor([d_w], dtype=dtype), torch.tensor([d_l], dtype=dtype))
         P = torch.ones_like(g_w) if upd.precond is None else upd.precond
         rest = torch.zeros_like(g_w) if upd.rest is None else upd.rest

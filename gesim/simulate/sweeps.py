@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from gesim import regimes, symbolic
+from gesim import dynamics, regimes
 from gesim.simulate.engine import SimConfig, simulate
 
 
@@ -118,5 +118,5 @@ def predicted_regime_at(loss, cos, rho, k_point: dict | None = None):
     """Regime codes from the symbolic first-order identity at unit ||g_l|| (for map backgrounds)."""
     cos, rho = np.broadcast_arrays(np.asarray(cos, float), np.asarray(rho, float))
     point = k_point or {"lw": -10.0, "ll": -10.0, "lw_ref": -10.0, "ll_ref": -10.0}
-    out = symbolic.derive(loss).predict(**point, ip=cos * rho, nw2=rho**2, nl2=np.ones_like(rho))
+    out = dynamics.predict(loss, **point, ip=cos * rho, nw2=rho**2, nl2=np.ones_like(rho))
     return regimes.regime_codes(out["delta_lw"], out["delta_ll"], out["d_w"], out["d_l"])

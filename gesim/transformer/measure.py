@@ -27,7 +27,7 @@ import copy
 import numpy as np
 import torch
 
-from gesim import lm, losses, probe, regimes, symbolic
+from gesim import dynamics, lm, losses, probe, regimes, symbolic
 
 
 def adam_precond(opt: torch.optim.Optimizer, model) -> dict | None:
@@ -66,7 +66,7 @@ def pair_check(model, evals: lm.PairBatch, loss: str, params: dict, ref: tuple, 
     lw_ref, ll_ref = (r.double() for r in ref)
     d = symbolic.derive(loss)
     np_ = lambda t: t.detach().cpu().numpy()  # noqa: E731
-    pred = d.predict(lw=np_(stats["lw"]), ll=np_(stats["ll"]), ip=np_(stats["ip"]), nw2=np_(stats["nw2"]),
+    pred = dynamics.predict(d, lw=np_(stats["lw"]), ll=np_(stats["ll"]), ip=np_(stats["ip"]), nw2=np_(stats["nw2"]),
                      nl2=np_(stats["nl2"]), lw_ref=np_(lw_ref), ll_ref=np_(ll_ref), len_w=np_(len_w),
                      len_l=np_(len_l), check=False, **params)
     scale = np.maximum(np.abs(pred["delta_lw"]), np.abs(pred["delta_ll"]))
