@@ -210,7 +210,7 @@ def test_bad_input_is_one_line_exit_2_no_traceback(case, paths, capsys, one_thre
 def test_device_cuda_without_cuda_is_refused_before_any_work(paths, capsys, monkeypatch):
     if _cuda():
         pytest.skip("a CUDA device is present")
-    import gesim.probe.runner as runner
+    import gesim.cli.probe_run as runner
     import gesim.transformer.train as train
 
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("trained"))
@@ -346,7 +346,7 @@ def test_transformer_divergence_is_reported_not_printed(monkeypatch, capsys):
 
 
 def test_probe_overflow_is_reported_not_printed(paths, monkeypatch, capsys):
-    from gesim.probe import runner
+    from gesim.cli import probe_run as runner
 
     real = runner.measure
 

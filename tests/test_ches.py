@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from gesim import probe
+from gesim.encode import collate, encode_rows
 from gesim.probe import toy
-from gesim.probe.encode import collate, encode_rows
 
 
 def _setup(n=5, seed=3):

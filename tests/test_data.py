@@ -5,8 +5,8 @@ import json
 import pytest
 
 from gesim import GesimError, data
+from gesim.encode import collate, encode_rows
 from gesim.probe import toy
-from gesim.probe.encode import collate, encode_rows
 
 GOOD = {"prompt": "the question", "chosen": "good answer", "rejected": "bad answer"}
 

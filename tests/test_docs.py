@@ -53,7 +53,7 @@ def test_every_cited_section_and_prediction_exists():
 
 
 def _columns():
-    from gesim.probe.runner import COLUMNS
+    from gesim.cli.probe_run import COLUMNS
     from gesim.simulate import FIELDS
     from gesim.transformer.train import SCALARS
 

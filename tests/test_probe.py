@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gesim import GesimError, lm, probe
+from gesim.encode import collate, encode_rows
 from gesim.probe import toy
-from gesim.probe.encode import collate, encode_rows
 from gesim.probe.fast import fast_row_gram
 
 warnings.filterwarnings("ignore", message=".*(batching rule|fallback).*")

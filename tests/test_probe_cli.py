@@ -12,9 +12,9 @@ import torch
 
 from gesim import data, probe
 from gesim.cli import main
+from gesim.cli.probe_run import load_model
+from gesim.encode import collate, encode_rows
 from gesim.probe import toy
-from gesim.probe.encode import collate, encode_rows
-from gesim.probe.runner import load_model
 
 
 @pytest.fixture(scope="module")

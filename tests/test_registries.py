@@ -40,8 +40,9 @@ def test_every_cli_choices_comes_from_a_registry():
 
 def test_implementations_agree_with_the_registries():
     from gesim import policies
+    from gesim.cli import probe_run as runner
     from gesim.methods import mitigation
-    from gesim.probe import api, runner
+    from gesim.probe import api
     from gesim.transformer import data, train
 
     assert tuple(policies.POLICIES) == registries.POLICIES

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("trl")
 
-from gesim.probe.encode import encode_rows, trl_token_ids  # noqa: E402
+from gesim.encode import encode_rows, trl_token_ids  # noqa: E402
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

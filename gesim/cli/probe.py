@@ -77,6 +77,6 @@ def run(args) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from gesim.probe.runner import run_probe
+    from gesim.cli.probe_run import run_probe
 
     return run_probe(args)

@@ -41,9 +41,9 @@ import torch
 from transformers import TrainerCallback
 
 from gesim import dynamics, lm, regimes, symbolic
+from gesim.encode import collate, encode_rows
 from gesim.errors import GesimError
 from gesim.probe import api
-from gesim.probe.encode import collate, encode_rows
 from gesim.probe.reference import selected_parameters
 
 TESTED_TRL = "1.16.0"

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from gesim import data, dynamics, losses, output, regimes
+from gesim.encode import buckets, collate, encode_rows
 from gesim.errors import GesimError
 from gesim.probe import api
-from gesim.probe.encode import buckets, collate, encode_rows
 from gesim.probe.reference import selected_named
 
 COLUMNS = ("index", "len_w", "len_l", "lw", "ll", "ip", "nw2", "nl2", "cos", "ches", "ln_ches")

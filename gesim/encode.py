@@ -1,5 +1,7 @@
 """Preference rows to token pairs: ``prompt + response`` ids with response masks, exactly as
-trl 1.16's DPO data path tokenises them (``DPOTrainer._prepare_dataset``):
+trl 1.16's DPO data path tokenises them (``DPOTrainer._prepare_dataset``); used by the probe's
+command line (:mod:`gesim.cli.probe_run`) and the trl callback (:mod:`gesim.integrations.trl`),
+and padded into the one pair type by :func:`collate` (:meth:`gesim.lm.PairBatch.from_rows`):
 
 * rows without a ``prompt`` (implicit prompt): the prompt is the longest common prefix of
   chosen and rejected (messages, or characters backed off before a space; trl's ``extract_prompt``);
