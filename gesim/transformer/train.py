@@ -290,14 +290,13 @@ def _preference(model, cfg, structure, loss, params, progress, *, objective, mak
         with torch.no_grad():
             ref = {"train": lm.pair_logps(model, train), "eval": lm.pair_logps(model, evals)}
         start = 0
-    meter.ref_eval = ref["eval"]
     (lw_ref, ll_ref), len_w, len_l = ref["train"], train.chosen_mask.sum(1), train.rejected_mask.sum(1)
     stop = cfg.pref_steps if until is None else min(until, cfg.pref_steps)
-    if ckpt:
+    meter.ref_eval, meter.stop = ref["eval"], stop
+    if ckpt:  # everything a resumed run needs, the batch stream's state included
         meter.checkpoint = lambda step: _save(ckpt, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "generator": g.get_state(), "step": step,
             "history": meter.history, "extra": meter.extra, "ref": ref, "acc": meter.acc})
-        meter.stop = stop
     steps = range(start, stop)
     if progress:
         from tqdm.auto import tqdm
