@@ -249,10 +249,13 @@ def test_no_grad_forwards_in_block_are_ignored():
     _close(tel.pop().pair_stats(d_w, d_l, B), probe.pair_stats(m, b, backend="reference"))
 
 
-def test_hf_gradient_checkpointing_recorded_once():
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_hf_gradient_checkpointing_recorded_once(reentrant):
+    """Activations recomputed in backward: a non-reentrant re-run is skipped (already recorded
+    in the forward); a reentrant one (its forward ran without grad) is the one recorded."""
     m, b = _model("gpt2"), _batch()
     want = probe.pair_stats(m, b, backend="reference")
-    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     m.train()
     rg, d_w, d_l, B, _, _ = _step(m, b, StepTelemetry(m))
     _close(rg.pair_stats(d_w, d_l, B), want)
@@ -303,3 +306,34 @@ def test_misuse_is_refused():
         tel.pop()
     with pytest.raises(GesimError, match="batch_gram=True"):
         _step(m, b, tel)[0].batch_first_order(1.0, 1.0, 4)
+
+
+def test_pair_rows_and_step_fractions_agree_with_row_gram():
+    m, b = _model("gesim-gpt"), _batch(6)
+    want = probe.pair_stats(m, b, backend="reference")
+    from gesim.probe.telemetry import FRACTION_KEYS, pair_rows, step_fractions
+    rg, d_w, d_l, B, _, _ = _step(m, b, StepTelemetry(m, batch_gram=True), "cpo")
+    rows = pair_rows(rg, d_w, d_l, B)
+    assert np.allclose(rows["ip"], want["ip"].numpy(), rtol=RTOL, atol=0)
+    assert np.allclose(rows["rho"], np.sqrt(want["nw2"].numpy() / want["nl2"].numpy()), rtol=RTOL)
+    assert np.array_equal(rows["regime"], rg.own_step_regimes(torch.sign(d_w), torch.sign(d_l)))
+    assert {len(v) for v in rows.values()} == {len(b)}
+    fr = step_fractions(rows)
+    assert set(fr) == set(FRACTION_KEYS)
+    assert abs(sum(v for k, v in fr.items() if k.startswith("train_frac_")) - 1) < 1e-12
+    assert abs(fr["train_mean_cos"] - float(want["cos"].mean())) < 1e-10
+    unknown_loss = pair_rows(rg)  # loss unknown: weights taken positive
+    assert np.isnan(unknown_loss["ip"]).all() and np.allclose(unknown_loss["cos"], rg.cos().numpy())
+
+
+def test_write_rows_parts_round_trip(tmp_path):
+    from gesim.output import read_rows, write_rows
+    write_rows(tmp_path, "step-000000", {"step": [0, 0], "cos": [0.5, float("nan")], "structure": ["1t", "1t"]})
+    write_rows(tmp_path, "step-000001", {"step": [1], "cos": [-0.25], "structure": ["1t"]})
+    got = read_rows(tmp_path)
+    assert got["step"].tolist() == [0, 0, 1] and np.isnan(got["cos"][1]) and got["cos"][2] == -0.25
+    csv_dir = tmp_path / "csv"
+    write_rows(csv_dir, "rank0", {"step": [3], "cos": [0.125]}, fmt="csv")
+    assert read_rows(csv_dir)["cos"].tolist() == [0.125]
+    with pytest.raises(GesimError, match="different lengths"):
+        write_rows(tmp_path, "bad", {"a": [1, 2], "b": [1]})

@@ -173,4 +173,45 @@ def loss_weights(L: torch.Tensor, lw: torch.Tensor, ll: torch.Tensor):
     return -B * gw.detach(), B * gl.detach(), B
 
 
-__all__ = ["UNKNOWN", "RowGram", "StepTelemetry", "loss_weights"]
+FRACTION_KEYS = tuple(f"train_frac_{name}" for name in (*regimes.REGIMES, "unknown")) + ("train_mean_cos",)
+
+
+def pair_rows(rg: RowGram, d_w=None, d_l=None, B=None) -> dict[str, np.ndarray]:
+    """One row per pair (numpy columns): ``regime`` (code of the own step, ``UNKNOWN`` = -1),
+    ``cos``, ``rho``, ``ip``, ``nw2``, ``nl2``, ``d_w``, ``d_l`` and the recorded ``rw2``,
+    ``rl2``, ``rwl``; with the full Gram also ``batch_regime`` and the batch step's first-order
+    ``pred_dlw``, ``pred_dll`` per unit step size. Without d_w, d_l (loss unknown) the weights
+    are taken positive: regimes and cos as for a margin loss that still pushes, the rest NaN."""
+    known = d_w is not None and d_l is not None
+    if known:
+        sw, sl = torch.sign(torch.as_tensor(d_w)), torch.sign(torch.as_tensor(d_l))
+    else:
+        sw = sl = torch.ones(len(rg))
+    cols = {"regime": rg.own_step_regimes(sw, sl), "cos": rg.cos(sw, sl)}
+    if known:
+        st = rg.pair_stats(d_w, d_l, B)
+        cols |= {k: st[k] for k in ("rho", "ip", "nw2", "nl2")} | {"d_w": d_w, "d_l": d_l}
+    else:
+        nan = torch.full((len(rg),), float("nan"))
+        cols |= {k: nan for k in ("rho", "ip", "nw2", "nl2", "d_w", "d_l")}
+    cols |= {"rw2": rg.rw2, "rl2": rg.rl2, "rwl": rg.rwl}
+    if rg.gram is not None:
+        cols["batch_regime"] = rg.batch_step_regimes(sw, sl)
+        if known:
+            cols["pred_dlw"], cols["pred_dll"] = rg.batch_first_order(d_w, d_l, B)
+    return {k: (v.detach().double().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+            for k, v in cols.items()}
+
+
+def step_fractions(rows: dict) -> dict[str, float]:
+    """Per-step summary of :func:`pair_rows`: ``train_frac_<regime>`` (the five regimes and
+    ``unknown``, summing to 1) and ``train_mean_cos`` (mean over pairs with a defined cos)."""
+    codes = np.asarray(rows["regime"])
+    out = {f"train_frac_{name}": float(np.mean(codes == k)) for k, name in enumerate(regimes.REGIMES)}
+    out["train_frac_unknown"] = float(np.mean(codes == UNKNOWN))
+    cos = np.asarray(rows["cos"], float)
+    out["train_mean_cos"] = float(np.mean(cos[np.isfinite(cos)])) if np.isfinite(cos).any() else float("nan")
+    return out
+
+
+__all__ = ["FRACTION_KEYS", "UNKNOWN", "RowGram", "StepTelemetry", "loss_weights", "pair_rows", "step_fractions"]
