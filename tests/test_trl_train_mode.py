@@ -1,0 +1,343 @@
+"""TrainEntanglementCallback inside real trl DPOTrainer runs on CPU (tiny models from configs):
+per-pair numbers of the trained batches, exact against gesim.probe's reference backend, trl's
+own logs untouched, unreadable layouts refused."""
+
+import copy
+
+import pytest
+
+pytest.importorskip("trl")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from gesim import GesimError, lm, probe, regimes, symbolic  # noqa: E402
+from gesim.integrations import trl_layout  # noqa: E402
+from gesim.integrations.trl_train import LOG_KEYS, PREFIX, TrainEntanglementCallback  # noqa: E402
+from gesim.output import read_rows  # noqa: E402
+from gesim.probe import toy  # noqa: E402
+
+TRAINER_KEYS = ("loss", "grad_norm", "learning_rate", "epoch", "entropy", "num_tokens", "mean_token_accuracy")
+
+
+def _model(arch="gpt2", dtype=torch.float32, lora=False):
+    tok = toy.build_tokenizer()
+    model = toy.build_model(arch, vocab_size=len(tok), d=16, seed=0).to(dtype)
+    return tok, model
+
+
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM",
+                      fan_in_fan_out=True, init_lora_weights=False)
+
+
+def _trainer(tmp_path, steps=4, batch=2, ga=1, dtype=torch.float32, lora=False, n_rows=16, logging_steps=1,
+             lr=1e-3, collator=None, **cfg):
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    torch.manual_seed(0)
+    tok, model = _model(dtype=dtype)
+    rows = toy.toy_rows(n_rows, seed=1)
+    config = DPOConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=batch,
+                       gradient_accumulation_steps=ga, learning_rate=lr, logging_steps=logging_steps, report_to=[],
+                       save_strategy="no", use_cpu=True, seed=0, **cfg)
+    kw = {"peft_config": _lora_config()} if lora else {"ref_model": copy.deepcopy(model).eval()}
+    return DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                      processing_class=tok, data_collator=collator, **kw)
+
+
+def _capture(trainer):
+    """Wrap training_step (outside the callback's wrapper): the parameters and batch of every micro-batch."""
+    seen, inner = [], trainer.training_step
+
+    def step(model, inputs, *args, **kwargs):
+        seen.append(({n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+                     {k: v.clone() for k, v in inputs.items()}))
+        return inner(model, inputs, *args, **kwargs)
+
+    trainer.training_step = step
+    return seen
+
+
+def _pair_batch(inputs):
+    """trl's micro-batch as gesim pairs: rows b and b + B, response = completion_mask."""
+    ids, comp = inputs["input_ids"], inputs["completion_mask"]
+    B = len(ids) // 2
+    return lm.PairBatch(ids[:B], ids[B:], comp[:B], comp[B:])
+
+
+def _fresh(state, dtype, lora=False):
+    """A model without trl's patches, at the captured parameters."""
+    _, model = _model(dtype=dtype)
+    if lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _lora_config())
+    missing = set(dict(model.named_parameters())) ^ set(state)
+    assert not missing, missing
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(state[n])
+    return model
+
+
+def _trainer_part(row):
+    return {k: v for k, v in row.items() if k in TRAINER_KEYS or k.startswith(("rewards/", "logps/", "logits/"))}
+
+
+# ---- the Done-when run ------------------------------------------------------------------------
+
+def test_twenty_step_run_logs_fractions_writes_one_row_per_pair_per_step_and_keeps_trl_logs(tmp_path, one_thread):
+    """float32 (bf16=False): the unfused head changes the gradient by float32 rounding only, so
+    trl's own values agree to 1e-4 relative over 20 steps (measured: <= 1.1e-5)."""
+    plain = _trainer(tmp_path / "a", steps=20, bf16=False)
+    plain.train()
+    watched = _trainer(tmp_path / "b", steps=20, bf16=False)
+    cb = TrainEntanglementCallback(out_dir=tmp_path / "pairs").attach(watched)
+    watched.train()
+    a, b = plain.state.log_history, watched.state.log_history
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # no row added or removed
+    train_rows = [r for r in a if "loss" in r]
+    assert len(train_rows) == 20 and all("rewards/margins" in r and "logps/chosen" in r for r in train_rows)
+    for ra, rb in zip(a, b):
+        assert _trainer_part(ra).keys() == _trainer_part(rb).keys()
+        assert not {k for k in rb if k not in ra} - {k for k in rb if k.startswith(PREFIX)}
+        for k, v in _trainer_part(ra).items():  # the unfused head rounds otherwise than trl's fused one
+            assert np.isclose(rb[k], v, rtol=1e-4, atol=1e-7), (rb["step"], k, rb[k], v)
+    logged = [r for r in b if f"{PREFIX}train_mean_cos" in r]
+    assert [r["step"] for r in logged] == list(range(1, 21)) and all("loss" in r for r in logged)
+    for r in logged:
+        assert set(LOG_KEYS) <= set(r)
+        assert sum(r[k] for k in LOG_KEYS if "_frac_" in k) == pytest.approx(1.0)
+        assert r[f"{PREFIX}train_pairs"] == 2 and r[f"{PREFIX}train_steps"] == 1
+    table = read_rows(tmp_path / "pairs")
+    assert len(table["step"]) == 20 * 2  # one row per trained pair per step
+    assert sorted(zip(table["step"].tolist(), table["pair"].tolist())) == [(s, p) for s in range(1, 21) for p in (0, 1)]
+    assert set(table["regime_name"].tolist()) <= set(regimes.REGIMES) | {"unknown"}
+    assert np.all(np.isfinite(table["ip"])) and np.all(table["nw2"] > 0) and np.all(table["d_w"] > 0)
+    for r, h in zip(logged, cb.history):  # the logged fractions are the step's rows
+        rows = table["step"] == r["step"]
+        for code, name in enumerate(regimes.REGIMES):
+            assert r[f"{PREFIX}train_frac_{name}"] == pytest.approx(np.mean(table["regime"][rows] == code))
+        assert r[f"{PREFIX}train_mean_cos"] == pytest.approx(np.mean(table["cos"][rows]))
+        assert h["step"] == r["step"]
+
+
+def test_under_trls_default_bf16_autocast_the_forward_and_the_log_keys_are_trls(tmp_path, one_thread):
+    """trl's configs default to bf16=True (CPU autocast here): the callback re-enters accelerate's
+    autocast, so the first step's forward values (loss, log-probs, rewards, logits) are trl's
+    exactly; the head's backward then rounds as bf16 GEMMs (transformers' own head) where trl's
+    fused head accumulates in float32, so later steps differ at bf16 rounding."""
+    plain = _trainer(tmp_path / "a", steps=2)
+    assert plain.args.bf16 and plain.accelerator.mixed_precision == "bf16"
+    plain.train()
+    watched = _trainer(tmp_path / "b", steps=2)
+    TrainEntanglementCallback(out_dir=False).attach(watched)
+    watched.train()
+    a, b = plain.state.log_history, watched.state.log_history
+    assert [_trainer_part(r).keys() for r in a] == [_trainer_part(r).keys() for r in b]
+    for k in ("loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/margins", "logits/chosen",
+              "entropy"):
+        assert b[0][k] == a[0][k], k
+    assert all(f"{PREFIX}train_mean_cos" in r for r in b if "loss" in r)
+
+
+# ---- exactness (float64): the reference probe on the same batch and parameters ------------------
+
+def _check_against_reference(trainer, cb, seen, params="all", lora=False, ref_model=None):
+    table = cb.table()
+    m = trainer.args.gradient_accumulation_steps
+    assert len(seen) == m * trainer.args.max_steps
+    worst = 0.0
+    for k, (state, inputs) in enumerate(seen):
+        step, micro = k // m + 1, k % m
+        rows = (table["step"] == step) & (table["micro"] == micro)
+        pb = _pair_batch(inputs)
+        assert rows.sum() == len(pb)
+        ref = probe.pair_stats(_fresh(state, torch.float64, lora), pb, params=params, backend="reference")
+        for key in ("ip", "nw2", "nl2"):
+            want = ref[key].numpy()
+            got = table[key][rows]
+            worst = max(worst, float(np.max(np.abs(got - want) / np.abs(want).max())))
+        np.testing.assert_allclose(table["lw"][rows], ref["lw"].numpy(), rtol=1e-12)
+        np.testing.assert_allclose(table["ll"][rows], ref["ll"].numpy(), rtol=1e-12)
+        # the row Gram's own-step regime = the symbolic one from (d_w, d_l, ip, nw2, nl2)
+        d_w, d_l = table["d_w"][rows], table["d_l"][rows]
+        dlw, dll = regimes.first_order(d_w, d_l, ref["ip"].numpy(), ref["nw2"].numpy(), ref["nl2"].numpy())
+        np.testing.assert_array_equal(table["regime"][rows], regimes.regime_codes(dlw, dll, d_w, d_l))
+        if ref_model is not None:  # gesim's DPO weights at trl's beta; reference log-probs by trl's own forward
+            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            with torch.no_grad():
+                ref_logps = ref_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                      labels=labels, fused_lm_head=True, use_cache=False).log_probs.sum(1)
+            lw_ref, ll_ref = ref_logps.double().chunk(2)
+            want = symbolic.derive("dpo").weights(ref["lw"].numpy(), ref["ll"].numpy(), lw_ref, ll_ref,
+                                                  beta=trainer.beta)
+            np.testing.assert_allclose(d_w, want[0], rtol=1e-12)
+            np.testing.assert_allclose(d_l, want[1], rtol=1e-12)
+    assert worst < 1e-10, worst
+    print(f"largest ip/nw2/nl2 error against the reference probe, relative to the batch's largest: {worst:.1e}")
+    return table
+
+
+def test_float64_rows_equal_the_reference_probe_and_gesims_dpo_weights_with_accumulation(tmp_path, one_thread):
+    """Two optimizer steps of two micro-batches of 3 pairs, gradient checkpointing on (trl's
+    default): per pair ip, nw2, nl2 = gesim.probe's reference backend (one pair at a time, two
+    backward passes) to 1e-10; d_w, d_l read from trl's backward = gesim's ``dpo`` weights at
+    trl's beta (so the 1/m accumulation scaling is read right); the own-step regime = the
+    symbolic one; lw, ll = the reference's and trl's logged ``logps/*`` (trl's own log-prob
+    code, float32 inside its fused head)."""
+    trainer = _trainer(tmp_path, steps=2, batch=3, ga=2, dtype=torch.float64, bf16=False, lr=1e-2)
+    assert trainer.args.gradient_checkpointing
+    cb = TrainEntanglementCallback(out_dir=tmp_path / "pairs").attach(trainer)
+    seen = _capture(trainer)
+    trainer.train()
+    table = _check_against_reference(trainer, cb, seen, ref_model=trainer.ref_model)
+    assert len(cb.parts) == 1 and len(read_rows(tmp_path / "pairs")["step"]) == 2 * 2 * 3
+    for r in (r for r in trainer.state.log_history if "loss" in r):
+        rows = table["step"] == r["step"]
+        assert r["logps/chosen"] == pytest.approx(table["lw"][rows].mean(), rel=1e-5)
+        assert r["logps/rejected"] == pytest.approx(table["ll"][rows].mean(), rel=1e-5)
+        assert r[f"{PREFIX}train_pairs"] == 6
+
+
+def test_float64_lora_rows_equal_the_reference_probe_on_the_adapter(tmp_path, one_thread):
+    """LoRA through trl's peft_config: the reference is the policy with its adapter disabled
+    under no_grad (not recorded); the adapter's parameters are the trainable ones."""
+    trainer = _trainer(tmp_path, steps=2, batch=2, dtype=torch.float64, lora=True, bf16=False, lr=1e-2)
+    assert trainer.ref_model is None and hasattr(trainer.model, "peft_config")
+    cb = TrainEntanglementCallback(out_dir=False).attach(trainer)
+    seen = _capture(trainer)
+    trainer.train()
+    table = _check_against_reference(trainer, cb, seen, params="lora", lora=True)
+    assert len(table["step"]) == 4 and not cb.parts
+
+
+# ---- the unfused head is trl's head --------------------------------------------------------------
+
+def test_unfused_head_gives_trls_fused_outputs_and_gradient(tmp_path, one_thread):
+    """Same batch, float64 model: every per-token output of trl's fused head (float32 inside)
+    and the gradient of a random functional of the log-probs agree to float32 rounding; outside
+    the block (and under no_grad inside it) trl's own forward runs."""
+    trainer = _trainer(tmp_path, steps=1, batch=3, dtype=torch.float64, bf16=False)
+    model = trainer.model
+    inputs = next(iter(trainer.get_train_dataloader()))
+    labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+    kw = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels,
+          "fused_lm_head": True}
+    weight = torch.randn(labels.shape[0], labels.shape[1] - 1, dtype=torch.float64)
+
+    def run():
+        model.zero_grad()
+        out = model(**kw)
+        (out.log_probs * weight).sum().backward()
+        return out, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    fused, g_fused = run()
+    trls, seen = model.__dict__["forward"], []
+    with trl_layout.unfused_head(model, seen.append):
+        unfused, g_unfused = run()
+        with torch.no_grad():
+            assert model(**kw).log_probs.dtype == torch.float32  # trl's fused head
+    assert len(seen) == 1 and seen[0] is unfused.log_probs and unfused.log_probs.dtype == torch.float64
+    for key in ("log_probs", "entropy", "mean_logits", "loss"):
+        got, want = (getattr(o, key).detach().double().numpy() for o in (unfused, fused))
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-6, err_msg=key)
+    assert torch.equal(unfused.is_top1, fused.is_top1) and torch.equal(unfused.label_mask, fused.label_mask)
+    assert (g_unfused - g_fused).abs().max() <= 1e-5 * g_fused.abs().max()
+    assert model.__dict__["forward"] is trls  # trl's forward is back
+
+
+# ---- what train mode refuses ---------------------------------------------------------------------
+
+class Interleaved:
+    """A collator laying trl's rows out [c0, r0, c1, r1, ...] (a layout train mode must not misread)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        out = self.inner(examples)
+        n = len(out["input_ids"]) // 2
+        order = torch.stack([torch.arange(n), torch.arange(n, 2 * n)], 1).reshape(-1)
+        return {k: v[order] if v.ndim == 2 else v for k, v in out.items()}
+
+
+def test_an_interleaved_batch_is_refused_not_misread(tmp_path, one_thread):
+    trainer = _trainer(tmp_path, steps=1, batch=2)
+    trainer.data_collator = Interleaved(trainer.data_collator)
+    TrainEntanglementCallback(out_dir=False).attach(trainer)
+    with pytest.raises(GesimError, match="do not share a prompt"):
+        trainer.train()
+
+
+def _batch(rows_ids, prompt_lens, pad=0):
+    T = max(len(r) for r in rows_ids)
+    ids = torch.full((len(rows_ids), T), pad)
+    attn = torch.zeros_like(ids)
+    comp = torch.zeros_like(ids)
+    for i, (r, p) in enumerate(zip(rows_ids, prompt_lens)):
+        ids[i, :len(r)] = torch.tensor(r)
+        attn[i, :len(r)] = 1
+        comp[i, p:len(r)] = 1
+    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp}
+
+
+def test_read_layout_accepts_trls_layout_and_refuses_the_others():
+    good = _batch([[5, 6, 7, 8], [9, 10, 11], [5, 6, 12], [9, 10, 13, 14]], [2, 2, 2, 2])
+    assert trl_layout.read_layout(good) == 2
+    packed = dict(good, position_ids=torch.arange(4).repeat(4, 1))
+    with pytest.raises(GesimError, match="padding-free"):
+        trl_layout.read_layout(packed)
+    with pytest.raises(GesimError, match="2B"):
+        trl_layout.read_layout({k: v[:3] for k, v in good.items()})
+    left = {k: v.flip(1) for k, v in good.items()}
+    with pytest.raises(GesimError, match="right-padded"):
+        trl_layout.read_layout(left)
+    holes = {k: v.clone() for k, v in good.items()}
+    holes["completion_mask"][0] = torch.tensor([0, 1, 0, 1])
+    with pytest.raises(GesimError, match="one block"):
+        trl_layout.read_layout(holes)
+    swapped = _batch([[5, 6, 7, 8], [9, 10, 11], [9, 10, 13, 14], [5, 6, 12]], [2, 2, 2, 2])
+    with pytest.raises(GesimError, match="rows 0 and 2 do not share a prompt"):
+        trl_layout.read_layout(swapped)
+    with pytest.raises(GesimError, match="no 'completion_mask'"):
+        trl_layout.read_layout({k: v for k, v in good.items() if k != "completion_mask"})
+
+
+def test_row_weights_read_c_and_refuse_a_per_token_gradient():
+    comp = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 1, 1]]).bool()
+    c = torch.tensor([-0.3, -0.1, 0.2, 0.4], dtype=torch.float64)
+    w = trl_layout.token_weights(comp, dtype=torch.float64)
+    grad = c[:, None] * w + 7.0 * (~comp)  # off the response: anything (the head zeroes it)
+    torch.testing.assert_close(trl_layout.row_weights(grad, w), c)
+    bad = grad.clone()
+    bad[0, 2] *= 2  # one token weighted otherwise: the row gradient is not c grad lw
+    with pytest.raises(GesimError, match="not c_b x"):
+        trl_layout.row_weights(bad, w)
+    # LD-DPO: tokens past the shorter response of the pair (rows b, b + B) weigh ld_alpha
+    ld = trl_layout.token_weights(comp, ld_alpha=0.5, dtype=torch.float64)
+    assert ld[0].tolist() == [0, 1, 1, 0.5] and ld[2].tolist() == [0, 0, 1, 1] and ld[1].tolist() == [0, 1, 1, 0]
+    torch.testing.assert_close(trl_layout.row_weights(c[:, None] * ld, ld), c)
+
+
+def test_trainers_train_mode_cannot_read_are_refused(tmp_path):
+    class KTOTrainer:
+        pass
+
+    with pytest.raises(GesimError, match="DPOTrainer layout; got KTOTrainer"):
+        trl_layout.check_trainer(KTOTrainer())
+    trainer = _trainer(tmp_path, steps=1)
+    trainer.padding_free = True
+    with pytest.raises(GesimError, match="padding_free"):
+        TrainEntanglementCallback().attach(trainer)
+    trainer.padding_free = False
+    cb = TrainEntanglementCallback().attach(trainer)
+    with pytest.raises(GesimError, match="already attached"):
+        TrainEntanglementCallback().attach(trainer)
+    assert trainer.callback_handler.callbacks[0] is cb
+    with pytest.raises(GesimError, match="flush_every"):
+        TrainEntanglementCallback(flush_every=0)
