@@ -341,3 +341,21 @@ def test_trainers_train_mode_cannot_read_are_refused(tmp_path):
     assert trainer.callback_handler.callbacks[0] is cb
     with pytest.raises(GesimError, match="flush_every"):
         TrainEntanglementCallback(flush_every=0)
+
+
+def test_readme_trl_section_runs(tmp_path):
+    """The README's "Watch entanglement in your own trl run" snippet runs as written."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    body = (root / "README.md").read_text().split("## Watch entanglement in your own trl run", 1)[1]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", body.split("\n## ", 1)[0], flags=re.S))
+    assert "TrainEntanglementCallback" in code
+    env = {**__import__("os").environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "80 " in proc.stdout  # 20 steps x 4 pairs
