@@ -359,3 +359,37 @@ def test_readme_trl_section_runs(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "80 " in proc.stdout  # 20 steps x 4 pairs
+
+
+@pytest.mark.slow
+def test_ddp_under_accelerate_launch_each_process_writes_its_own_exact_rows(tmp_path):
+    """Two CPU processes (``accelerate launch --multi_gpu``: torchrun, gloo, the trainer's model in
+    DistributedDataParallel), 3 steps of 2 pairs each: every process writes its own rows, which
+    equal the reference probe on its own batch and parameters (tests/trl_ddp_worker.py)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("accelerate") is None:
+        pytest.skip("no accelerate command")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(root / "tests" / "trl_ddp_worker.py"),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [i["world"] for i in info] == [2, 2] and {i["backend"] for i in info} == {"gloo"}
+    assert {i["wrapped"] for i in info} == {"DistributedDataParallel"}
+    assert info[0]["first_ids"] != info[1]["first_ids"]  # each process trains its own pairs
+    assert all(i["worst"] < 1e-10 and i["steps"] == 3 and i["logged"] == [2, 2, 2] for i in info), info
+    table = read_rows(tmp_path / "pairs")
+    assert sorted({p.name for p in (tmp_path / "pairs").iterdir()}) == [
+        "train_pairs_rank000_00000001.parquet", "train_pairs_rank001_00000001.parquet"]
+    for r in (0, 1):
+        mine = table["rank"] == r
+        assert sorted(zip(table["step"][mine].tolist(), table["pair"][mine].tolist())) == [
+            (s, p) for s in (1, 2, 3) for p in (0, 1)]
