@@ -393,3 +393,57 @@ def test_ddp_under_accelerate_launch_each_process_writes_its_own_exact_rows(tmp_
         mine = table["rank"] == r
         assert sorted(zip(table["step"][mine].tolist(), table["pair"][mine].tolist())) == [
             (s, p) for s in (1, 2, 3) for p in (0, 1)]
+
+
+# ---- the read-out loss weights are gesim's registered losses, for trl's other loss types ---------
+
+DPO_RECORDS = [n for n in __import__("gesim").losses.names()
+               if (r := __import__("gesim").losses.get(n).trl) is not None and r.trainer == "DPOTrainer"
+               and n not in ("dpo", "ld_dpo", "wpo", "dpo_alpha_div")]  # ld/wpo: not per pair; alpha: float32 in trl
+QUICK = ("ipo_norm", "rpo_trl", "robust")
+
+
+def _record_config(name):
+    """gesim parameters (non-default, so a wrong mapping shows) and the DPOConfig fields carrying them."""
+    from gesim import losses
+
+    loss, rec = losses.get(name), losses.get(name).trl
+    params = {p: rec.requires[p] if p in rec.requires else round(v * 1.37 if v else 0.13, 6)
+              for p, v in loss.defaults.items() if p != losses.LEN_BAR and (p in rec.params or p in rec.requires)}
+    cfg = {"loss_type": list(rec.loss_type) if isinstance(rec.loss_type, tuple) else [rec.loss_type], **rec.fixed}
+    for p, field in rec.params.items():
+        if field == "loss_weights[1]":
+            cfg["loss_weights"] = [1.0, params[p]]
+        else:
+            cfg[field] = params[p]
+    return params, cfg
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in QUICK else pytest.mark.slow) for n in DPO_RECORDS])
+def test_read_out_weights_are_gesims_loss_for_trls_loss_type(name, tmp_path, one_thread):
+    """d_w, d_l read from trl's backward (any loss_type, loss_weights mix) = gesim's symbolic
+    weights of the registered loss with trl's parameters, pair by pair, to 1e-10 (float64; the
+    reference log-probs are trl's own, float32 inside its fused head). Three loss types by
+    default, all 14 DPOTrainer records with the slow checks."""
+    from gesim import losses
+
+    params, cfg = _record_config(name)
+    trainer = _trainer(tmp_path, steps=2, batch=3, dtype=torch.float64, bf16=False, lr=1e-2, **cfg)
+    cb = TrainEntanglementCallback(out_dir=False).attach(trainer)
+    seen = _capture(trainer)
+    trainer.train()
+    table = cb.table()
+    for k, (_, inputs) in enumerate(seen):
+        rows = table["step"] == k + 1
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        with torch.no_grad():
+            ref = trainer.ref_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                    labels=labels, fused_lm_head=True, use_cache=False).log_probs.sum(1).double()
+        len_w, len_l = table["len_w"][rows], table["len_l"][rows]
+        extra = losses.trl_batch_params(name, len_w)
+        d_w, d_l = symbolic.derive(name).weights(table["lw"][rows], table["ll"][rows], *ref.chunk(2), len_w, len_l,
+                                                 **params, **extra)
+        tol = 1e-7 if name == "exo_pair" else 1e-10  # trl makes eps a float32 tensor (test_trl_oracle.TOL)
+        scale = max(np.abs(d_w).max(), np.abs(d_l).max())
+        np.testing.assert_allclose(table["d_w"][rows], d_w, rtol=0, atol=tol * scale, err_msg=name)
+        np.testing.assert_allclose(table["d_l"][rows], d_l, rtol=0, atol=tol * scale, err_msg=name)
