@@ -13,7 +13,7 @@ products ``rw2 = |r_w|^2``, ``rl2 = |r_l|^2``, ``rwl = <r_w, r_l>`` in the same 
   for every trl loss type, combinations (``loss_weights``) and WPO weighting included, since
   they are read from trl's own gradient, not recomputed; for the losses gesim registers with a
   ``trl`` record they equal ``gesim.symbolic.derive(name).weights`` with trl's parameters
-  (tested for the 15 ``DPOTrainer`` records but ``ld_dpo``, ``wpo``, ``dpo_alpha_div``);
+  (tested for 16 of the 19 ``DPOTrainer`` records: all but ``ld_dpo``, ``wpo``, ``dpo_alpha_div``);
 * ``ip = <g_w, g_l>``, ``nw2``, ``nl2``, ``cos(g_w, g_l)``;
 * the regime of the pair's own step ``-eta (r_w + r_l)`` (``gesim.regimes``; ``unknown`` when
   exactly one of d_w, d_l is 0: the other response's change is not in the row Gram).
