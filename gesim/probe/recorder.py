@@ -24,7 +24,16 @@ import contextlib
 import torch
 
 from gesim.errors import GesimError
-from gesim.probe.layers import ElementwiseRule, EmbeddingRule, LinearRule, RowRule, Use, gather_head, rule_for
+from gesim.probe.layers import (
+    ElementwiseRule,
+    EmbeddingRule,
+    LayerNormRule,
+    LinearRule,
+    RowRule,
+    Use,
+    gather_head,
+    rule_for,
+)
 from gesim.probe.reference import selected_named
 
 CONTAINERS = (torch.nn.ParameterDict, torch.nn.ParameterList, torch.nn.ModuleDict, torch.nn.ModuleList)
@@ -77,7 +86,7 @@ class Recorder:
                 role = next(r for r, q in module.named_parameters(remove_duplicate=False) if id(q) == pid)
                 self.plan.setdefault(mname, [module, {}])[1][role] = self.params[pid]
         for entry in self.plan.values():
-            rule = rule_for(entry[0])
+            rule = _rule(entry[0])
             if not isinstance(rule, ElementwiseRule) and not set(entry[1]) <= {"weight", "bias"}:
                 rule = ElementwiseRule()
             entry.append(rule)
@@ -326,6 +335,15 @@ class Recorder:
                                                        device=p.device), self)
                     self.pending[pid].append((u, next(r for r, q in u.roles.items() if q is p)))
             self._tied(p)
+
+
+def _rule(module):
+    """The probe's rule, and its LayerNorm rule for a LayerNorm subclass that declares
+    ``same_as_layer_norm`` (gesim's own, thread-invariant LayerNorm: no re-run needed)."""
+    if getattr(type(module), "same_as_layer_norm", False) and isinstance(module, torch.nn.LayerNorm) \
+            and module.elementwise_affine:
+        return LayerNormRule()
+    return rule_for(module)
 
 
 def _in_backward() -> bool:
