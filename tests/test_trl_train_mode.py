@@ -335,6 +335,10 @@ def test_trainers_train_mode_cannot_read_are_refused(tmp_path):
     with pytest.raises(GesimError, match="padding_free"):
         TrainEntanglementCallback().attach(trainer)
     trainer.padding_free = False
+    trainer.args.torch_compile = True
+    with pytest.raises(GesimError, match="torch_compile"):
+        TrainEntanglementCallback().attach(trainer)
+    trainer.args.torch_compile = False
     cb = TrainEntanglementCallback().attach(trainer)
     with pytest.raises(GesimError, match="already attached"):
         TrainEntanglementCallback().attach(trainer)
@@ -447,3 +451,12 @@ def test_read_out_weights_are_gesims_loss_for_trls_loss_type(name, tmp_path, one
         scale = max(np.abs(d_w).max(), np.abs(d_l).max())
         np.testing.assert_allclose(table["d_w"][rows], d_w, rtol=0, atol=tol * scale, err_msg=name)
         np.testing.assert_allclose(table["d_l"][rows], d_l, rtol=0, atol=tol * scale, err_msg=name)
+
+
+def test_rows_of_an_earlier_run_in_out_dir_are_refused_not_mixed(tmp_path, one_thread):
+    trainer = _trainer(tmp_path / "run0", steps=1, batch=2)
+    TrainEntanglementCallback(out_dir=tmp_path / "pairs").attach(trainer)
+    trainer.train()
+    with pytest.raises(GesimError, match="already holds per-pair rows"):  # at attach, before any training
+        TrainEntanglementCallback(out_dir=tmp_path / "pairs").attach(_trainer(tmp_path / "run1", steps=1, batch=2))
+    assert len(read_rows(tmp_path / "pairs")["step"]) == 2

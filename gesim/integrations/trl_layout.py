@@ -71,6 +71,13 @@ def check_trainer(trainer, allow_untested: bool = False):
     if getattr(trainer, "aux_loss_enabled", False):
         raise GesimError("the MoE router loss (aux_loss_enabled) adds gradient outside the per-row log-probs; "
                          "train mode does not support it")
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        raise GesimError("train mode is tested with single-process and DDP training; DeepSpeed / FSDP shard the "
+                         "parameters it reads (not supported)")
+    args = getattr(trainer, "args", None)
+    if getattr(args, "torch_compile", False) or getattr(args, "use_liger_kernel", False):
+        raise GesimError("train mode needs the model's own modules (its hooks): torch_compile and Liger kernels "
+                         "replace them (not supported)")
     if getattr(trainer, "_is_vision_dataset", False):
         raise GesimError("vision-language batches (images) are not read by train mode")
     config = hf_model(trainer).config.get_text_config()

@@ -99,6 +99,9 @@ class TrainEntanglementCallback(TrainerCallback):
         if self.out_dir is None:
             self.out_dir = Path(trainer.args.output_dir) / "entanglement"
         self.rank = int(getattr(trainer.args, "process_index", 0))
+        if self.out_dir is not False and any(Path(self.out_dir).glob(f"train_pairs_rank{self.rank:03d}_*")):
+            raise GesimError(f"{self.out_dir} already holds per-pair rows of this process from another run; "
+                             "give the callback a new out_dir (rows of two runs would mix)")
         trainer.training_step = functools.partial(self._training_step, trainer.training_step)
         trainer._gesim_train_callback = self
         trainer.callback_handler.callbacks.insert(0, self)
@@ -188,14 +191,15 @@ class TrainEntanglementCallback(TrainerCallback):
         return control
 
     def table(self) -> dict:
-        """All per-pair rows so far ({column: array}): read back from the parts, plus those in memory."""
+        """This process's per-pair rows so far ({column: array}): its parts read back, then those in memory."""
         from gesim.output import read_rows
 
-        done = read_rows(self.out_dir) if self.parts else {}
         mem = {k: np.concatenate(v) for k, v in self.rows.items()}
-        if not done:
+        if not self.parts:
             return mem
-        return {k: np.concatenate([done[k], mem[k]]) if mem else done[k] for k in done}
+        done = read_rows(self.out_dir)
+        mine = done["rank"] == self.rank
+        return {k: np.concatenate([v[mine], mem[k]]) if mem else v[mine] for k, v in done.items()}
 
 
 def _metrics(window) -> dict:
