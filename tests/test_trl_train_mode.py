@@ -460,3 +460,19 @@ def test_rows_of_an_earlier_run_in_out_dir_are_refused_not_mixed(tmp_path, one_t
     with pytest.raises(GesimError, match="already holds per-pair rows"):  # at attach, before any training
         TrainEntanglementCallback(out_dir=tmp_path / "pairs").attach(_trainer(tmp_path / "run1", steps=1, batch=2))
     assert len(read_rows(tmp_path / "pairs")["step"]) == 2
+
+
+def test_with_logging_every_two_steps_each_row_covers_the_steps_since_the_last(tmp_path, one_thread):
+    """logging_steps=2, 5 steps: the fractions in a row are over the pairs of the steps since the
+    previous row; every trained pair is counted in exactly one row (the last step's in a row of
+    its own if the trainer logs no row after it); cb.history keeps every step."""
+    trainer = _trainer(tmp_path, steps=5, batch=2, logging_steps=2)
+    cb = TrainEntanglementCallback(out_dir=False).attach(trainer)
+    trainer.train()
+    rows = [r for r in trainer.state.log_history if f"{PREFIX}train_pairs" in r]
+    assert sum(r[f"{PREFIX}train_pairs"] for r in rows) == 5 * 2
+    assert sum(r[f"{PREFIX}train_steps"] for r in rows) == 5 and [h["step"] for h in cb.history] == [1, 2, 3, 4, 5]
+    table = cb.table()
+    first = rows[0]
+    assert first["step"] == 2 and first[f"{PREFIX}train_steps"] == 2
+    assert first[f"{PREFIX}train_mean_cos"] == pytest.approx(np.mean(table["cos"][table["step"] <= 2]))
