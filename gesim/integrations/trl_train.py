@@ -15,8 +15,8 @@ products ``rw2 = |r_w|^2``, ``rl2 = |r_l|^2``, ``rwl = <r_w, r_l>`` in the same 
   ``trl`` record they equal ``gesim.symbolic.derive(name).weights`` with trl's parameters
   (tested for 16 of the 19 ``DPOTrainer`` records: all but ``ld_dpo``, ``wpo``, ``dpo_alpha_div``);
 * ``ip = <g_w, g_l>``, ``nw2``, ``nl2``, ``cos(g_w, g_l)``;
-* the regime of the pair's own step ``-eta (r_w + r_l)`` (``gesim.regimes``; ``unknown`` when
-  exactly one of d_w, d_l is 0: the other response's change is not in the row Gram).
+* the regime of the pair's own SGD step ``-eta (r_w + r_l)`` (``gesim.regimes``; ``unknown``
+  when exactly one of d_w, d_l is 0: the other response's change is not in the row Gram).
 
 Interception point. ``attach`` wraps ``trainer.training_step`` (instance attribute): it holds
 the micro-batch's whole forward and backward (the loss, trl's reference forward, the
@@ -24,8 +24,11 @@ accelerator's backward, the loss scaling for gradient accumulation) and nothing 
 one record block is exactly one micro-batch. ``compute_loss`` would miss the backward, and
 hooks on ``forward`` alone could not tell the reference forward or evaluation from training.
 Inside the block the policy's LM head runs unfused (``trl_layout.unfused_head``: trl's fused
-head hides the head weight from module hooks); the trainer's loss and logged values equal
-trl's up to float32 rounding.
+head hides the head weight from module hooks), under accelerate's autocast when it wraps the
+forward: forward values are trl's; the head's gradient rounds differently (float32: trl's
+logged values kept to 1e-5 relative over 20 steps; bf16 autocast: bf16 GEMM outputs where trl
+accumulates in float32). Each process of a DDP run records and writes its own rows (the row
+products are local; DDP averages parameter gradients only).
 
 Outputs. The trainer's own log rows keep every key and value they have without the callback;
 the callback adds, to the next training row the trainer logs (``logs`` and
@@ -33,7 +36,7 @@ the callback adds, to the next training row the trainer logs (``logs`` and
 since the previous row, so per step with ``logging_steps=1``), ``train_frac_unknown``,
 ``train_mean_cos`` (over pairs with d_w, d_l != 0), ``train_pairs``, ``train_steps``. Each
 step's values stay in ``history``. Per-pair rows (step, micro, pair, rank, d_w, d_l, lw, ll,
-len_w, len_l, rw2, rl2, rwl, ip, nw2, nl2, cos, regime) go to ``out_dir`` through
+len_w, len_l, rw2, rl2, rwl, ip, nw2, nl2, cos, rho, regime, regime_name) go to ``out_dir`` through
 :func:`gesim.output.write_rows` (Parquet with pyarrow, else CSV), one part per process and
 flush: ``train_pairs_rank<r>_<first step>``; :func:`gesim.output.read_rows` joins them.
 
