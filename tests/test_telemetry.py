@@ -370,3 +370,33 @@ def test_left_padding_with_attention_mask_exact_against_row_autograd():
     got = tel.pop().gram
     want = R @ R.T
     assert float((got - want).abs().max() / want.abs().max()) < RTOL
+
+
+def test_logits_to_keep_head_on_fewer_positions_exact_against_row_autograd():
+    """trl may call the model with logits_to_keep: the tied head then sees fewer positions than
+    the embedding (the embedding x head cross term spans both lengths)."""
+    m, b = _model("gpt2"), _batch(3)
+    ids, mask = b.stacked()
+    K = ids.shape[1] // 2
+
+    def seq_logps():
+        logits = m(input_ids=ids, logits_to_keep=K + 1).logits  # (N, K + 1, V): the last K + 1 positions
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, -K:, None]).squeeze(-1)
+        return (logp * mask[:, -K:]).sum(1)
+
+    params = list(m.parameters())
+    s = seq_logps()
+    coef = torch.linspace(1.0, -0.5, len(s), dtype=s.dtype)
+    R = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(coef[i] * s[i], params, retain_graph=True)])
+                     for i in range(len(s))])
+    for batch_gram in (False, True):
+        tel = StepTelemetry(m, batch_gram=batch_gram)
+        P = len(b)
+        with tel.record(torch.arange(P), torch.arange(P, 2 * P)):
+            (coef * seq_logps()).sum().backward()
+        rg = tel.pop()
+        want = R @ R.T
+        assert torch.allclose(rg.rwl, want[torch.arange(P), torch.arange(P, 2 * P)], rtol=RTOL, atol=0)
+        assert torch.allclose(rg.rw2, want.diagonal()[:P], rtol=RTOL, atol=0)
+        if batch_gram:
+            assert float((rg.gram - want).abs().max() / want.abs().max()) < RTOL
