@@ -3,8 +3,9 @@
 For each size: one DPO training step (policy forward over the stacked chosen + rejected rows,
 loss, backward, AdamW step; the reference log-probs are precomputed, so the denominator is
 the policy step alone) timed plain, with the within-pair recorder ("pairs") and with the
-full batch Gram ("batch"), on the same batch in the same process, interleaved (the order of
-the three modes rotates every repetition), median over repetitions; the ratio is
+full batch Gram ("batch"), on the same batch, model and AdamW optimizer (lr 0: the full
+optimizer work, the parameters stay put) in the same process, interleaved (the order of the
+three modes rotates every repetition), median over repetitions; the ratio is
 median(mode) / median(plain).
 
 Gate: before any timing, the recorder's per-pair ip, nw2, nl2 (loss weights by autograd)
@@ -13,7 +14,8 @@ float64 for the small sizes (relative error < 1e-10), the fast backend in float3
 large ones (relative < 1e-3, float32 rounding of a 124M-long reduction). A size failing its
 gate is reported and not timed.
 
-Usage: OMP_NUM_THREADS=1 python bench/telemetry.py [--sizes quick|all|max] [--reps N] [--big-reps N] [--out FILE]
+Usage: OMP_NUM_THREADS=1 python bench/telemetry.py [--sizes quick|all|max] [--only NAME,..] [--reps N] [--big-reps N]
+       [--out FILE]
 Writes bench/results/telemetry_cpu.json by default. Timings on a shared, loaded machine: the
 ratios are the result, not the milliseconds.
 """
@@ -21,7 +23,7 @@ ratios are the result, not the milliseconds.
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import json
 import platform
 import statistics
@@ -132,18 +134,17 @@ def time_size(spec, reps) -> dict:
     model = build(arch, layers, width, heads, vocab, T, torch.float32)
     batch = batch_of(vocab, B, T)
     refs = refs_of(model, batch)
-    models = {m: copy.deepcopy(model) for m in ("plain", "pairs", "batch")}
-    opts = {m: torch.optim.AdamW(models[m].parameters(), lr=1e-6) for m in models}
-    tels = {"plain": None, "pairs": StepTelemetry(models["pairs"]),
-            "batch": StepTelemetry(models["batch"], batch_gram=True)}
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # the full AdamW work; the parameters stay put
+    tels = {"plain": None, "pairs": StepTelemetry(model), "batch": StepTelemetry(model, batch_gram=True)}
     order = ["plain", "pairs", "batch"]
     times = {m: [] for m in order}
     for m in order:  # warm-up
-        step(models[m], opts[m], batch, refs, tels[m])
+        step(model, opt, batch, refs, tels[m])
     for r in range(reps):
         for m in order[r % 3:] + order[: r % 3]:
+            gc.collect()
             t0 = time.perf_counter()
-            step(models[m], opts[m], batch, refs, tels[m])
+            step(model, opt, batch, refs, tels[m])
             times[m].append(time.perf_counter() - t0)
     med = {m: statistics.median(v) for m, v in times.items()}
     n_params = sum(p.numel() for p in model.parameters())
@@ -157,14 +158,23 @@ def main(argv=None):
     ap.add_argument("--sizes", choices=("quick", "all", "max"), default="all")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--big-reps", type=int, default=3, help="repetitions for the GPT-2-small sizes")
+    ap.add_argument("--only", default=None, metavar="NAME[,NAME]",
+                    help="only these sizes, merged into an existing --out file (re-run one size)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "telemetry_cpu.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
+    only = args.only.split(",") if args.only else None
+    if only and Path(args.out).exists():
+        rows = [r for r in json.loads(Path(args.out).read_text())["results"] if r["size"] not in only]
     for spec in SIZES:
-        if (args.sizes == "quick" and spec[0] not in QUICK) or (args.sizes != "max" and spec[0] in MAX_ONLY):
+        if only is not None and spec[0] not in only:
+            continue
+        if only is None and ((args.sizes == "quick" and spec[0] not in QUICK) or
+                             (args.sizes != "max" and spec[0] in MAX_ONLY)):
             continue
         g = gate(spec)
+        gc.collect()
         row = {"size": spec[0], "gate": g}
         if g["passed"]:
             row |= time_size(spec, args.big_reps if spec[2] >= 12 else args.reps)
@@ -173,6 +183,7 @@ def main(argv=None):
         else:
             print(f"{spec[0]:<22} GATE FAILED {g}", flush=True)
         rows.append(row)
+        rows.sort(key=lambda r: [s[0] for s in SIZES].index(r["size"]))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(_meta(args) | {"results": rows}, indent=2) + "\n")
 

@@ -337,3 +337,66 @@ def test_write_rows_parts_round_trip(tmp_path):
     assert read_rows(csv_dir)["cos"].tolist() == [0.125]
     with pytest.raises(GesimError, match="different lengths"):
         write_rows(tmp_path, "bad", {"a": [1, 2], "b": [1]})
+
+
+def test_left_padding_with_attention_mask_exact_against_row_autograd():
+    """Left-padded rows with an attention mask and per-row positions (trl's layout for some
+    models): the recorder reads whatever gradient the step computes, pads included."""
+    m, b = _model("gpt2"), _batch(3)
+    ids, mask = b.stacked()
+    keep = mask.flip(1).cumsum(1).flip(1) > 0  # real tokens: up to each row's last response token
+    shift = (~keep).sum(1)
+    ids = torch.stack([torch.roll(r, int(s)) for r, s in zip(ids, shift)])  # right -> left padding
+    mask = torch.stack([torch.roll(r, int(s)) for r, s in zip(mask, shift)])
+    attn = torch.stack([torch.roll(r, int(s)) for r, s in zip(keep.long(), shift)])
+    pos = (attn.cumsum(1) - 1).clamp_min(0)
+
+    def seq_logps():
+        logits = m(input_ids=ids, attention_mask=attn, position_ids=pos).logits
+        return (lm.token_logps(logits, ids) * mask).sum(1)
+
+    params = list(m.parameters())
+    s = seq_logps()
+    coef = torch.linspace(0.5, -1.5, len(s), dtype=s.dtype)
+    rows = []
+    for i in range(len(s)):
+        g = torch.autograd.grad(coef[i] * s[i], params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(x if x is not None else torch.zeros_like(p)).reshape(-1) for x, p in zip(g, params)]))
+    R = torch.stack(rows)
+    tel = StepTelemetry(m, batch_gram=True)
+    P = len(b)
+    with tel.record(torch.arange(P), torch.arange(P, 2 * P)):
+        (coef * seq_logps()).sum().backward()
+    got = tel.pop().gram
+    want = R @ R.T
+    assert float((got - want).abs().max() / want.abs().max()) < RTOL
+
+
+def test_logits_to_keep_head_on_fewer_positions_exact_against_row_autograd():
+    """trl may call the model with logits_to_keep: the tied head then sees fewer positions than
+    the embedding (the embedding x head cross term spans both lengths)."""
+    m, b = _model("gpt2"), _batch(3)
+    ids, mask = b.stacked()
+    K = ids.shape[1] // 2
+
+    def seq_logps():
+        logits = m(input_ids=ids, logits_to_keep=K + 1).logits  # (N, K + 1, V): the last K + 1 positions
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, -K:, None]).squeeze(-1)
+        return (logp * mask[:, -K:]).sum(1)
+
+    params = list(m.parameters())
+    s = seq_logps()
+    coef = torch.linspace(1.0, -0.5, len(s), dtype=s.dtype)
+    R = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(coef[i] * s[i], params, retain_graph=True)])
+                     for i in range(len(s))])
+    for batch_gram in (False, True):
+        tel = StepTelemetry(m, batch_gram=batch_gram)
+        P = len(b)
+        with tel.record(torch.arange(P), torch.arange(P, 2 * P)):
+            (coef * seq_logps()).sum().backward()
+        rg = tel.pop()
+        want = R @ R.T
+        assert torch.allclose(rg.rwl, want[torch.arange(P), torch.arange(P, 2 * P)], rtol=RTOL, atol=0)
+        assert torch.allclose(rg.rw2, want.diagonal()[:P], rtol=RTOL, atol=0)
+        if batch_gram:
+            assert float((rg.gram - want).abs().max() / want.abs().max()) < RTOL

@@ -59,3 +59,21 @@ def test_cli_telemetry_flag_writes_pair_rows(tmp_path, capsys):
     rc = main(["transformer", "--dataset", "1t", "--steps", "2", "--telemetry", "pairs", "--out", str(tmp_path)])
     assert rc == 0
     assert len(read_rows(tmp_path / "train_pairs")["step"]) == 2 * TrainConfig.fast().batch
+
+
+def test_training_telemetry_figure_shows_its_runs_data(monkeypatch):
+    """The figure (on a tiny config) draws four panels and its summary is computed from the
+    runs' per-step fractions and per-pair cosines."""
+    from gesim import figures
+    from gesim.figures import telemetry as fig_mod
+
+    monkeypatch.setattr(fig_mod, "config", lambda ctx: dataclasses.replace(TINY, telemetry="pairs", pref_steps=3,
+                                                                           sft_steps=20, token_pairs=0))
+    fig, data = figures.registry()["training_telemetry"].fn(figures.Context("training_telemetry"))
+    assert len(fig.axes) == 4 and {r["dataset"] for r in data["per_run"]} == set(fig_mod.DATASETS)
+    for r in data["per_run"]:
+        s = data["summary"][r["dataset"]]
+        assert s["mean_cos"] == pytest.approx(float(np.mean(r["pair_cos"])))
+        assert s["both_down"] == pytest.approx(float(np.mean(r["fractions"]["both_down"])))
+        assert len(r["pair_cos"]) == 3 * TINY.batch
+    assert "both down" in fig._suptitle.get_text()

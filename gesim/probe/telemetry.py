@@ -28,7 +28,7 @@ on request the Gram of all recorded rows. From these alone:
   recorded L alone (one record block per optimizer step, plain SGD).
 
 Source of the trick: per-sample gradient products from the training backward, as in ghost
-clipping (Li et al. 2022; Opacus) and GhostSuite's in-run data Shapley; docs/probe.md.
+clipping (Li et al. 2022; Opacus) and GhostSuite's in-run data Shapley; docs/theory.md section 8.8.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ stacked forward (chosen rows 0..B-1, rejected rows B..2B-1, :func:`gesim.lm.pair
 its backward. The loss weights are read by autograd from the per-sequence log-probs of that
 same graph (:func:`gesim.probe.loss_weights`: ``d_w = -B dL/dlw``, ``d_l = B dL/dll``), so
 every pair gets the regime of its own step, cos, rho, ip, nw2 and nl2; with ``"batch"`` also
-the regime and first-order change under the whole batch's SGD step (docs: probe/telemetry.py).
+the regime and first-order change under the whole batch's SGD step (docs/theory.md section 8.8).
 The step computes exactly the plain objective's loss and gradients (same operations, the
 recorder only reads).
 
