@@ -20,9 +20,13 @@ from gesim.probe import toy  # noqa: E402
 TRAINER_KEYS = ("loss", "grad_norm", "learning_rate", "epoch", "entropy", "num_tokens", "mean_token_accuracy")
 
 
-def _model(arch="gpt2", dtype=torch.float32, lora=False):
+ARCH = {"arch": "gpt2"}  # the toy architecture _trainer and _fresh build (a test may switch it)
+
+
+def _model(arch=None, dtype=torch.float32, lora=False):
     tok = toy.build_tokenizer()
-    model = toy.build_model(arch, vocab_size=len(tok), d=16, seed=0).to(dtype)
+    arch = arch or ARCH["arch"]
+    model = toy.build_model(arch, vocab_size=len(tok), d=16, seed=0, tied=arch == "gpt2").to(dtype)
     return tok, model
 
 
@@ -147,7 +151,7 @@ def test_under_trls_default_bf16_autocast_the_forward_and_the_log_keys_are_trls(
 
 # ---- exactness (float64): the reference probe on the same batch and parameters ------------------
 
-def _check_against_reference(trainer, cb, seen, params="all", lora=False, ref_model=None):
+def _check_against_reference(trainer, cb, seen, params="all", lora=False, ref_model=None, tol=1e-10):
     table = cb.table()
     m = trainer.args.gradient_accumulation_steps
     assert len(seen) == m * trainer.args.max_steps
@@ -162,8 +166,8 @@ def _check_against_reference(trainer, cb, seen, params="all", lora=False, ref_mo
             want = ref[key].numpy()
             got = table[key][rows]
             worst = max(worst, float(np.max(np.abs(got - want) / np.abs(want).max())))
-        np.testing.assert_allclose(table["lw"][rows], ref["lw"].numpy(), rtol=1e-12)
-        np.testing.assert_allclose(table["ll"][rows], ref["ll"].numpy(), rtol=1e-12)
+        np.testing.assert_allclose(table["lw"][rows], ref["lw"].numpy(), rtol=1e-2 * tol)
+        np.testing.assert_allclose(table["ll"][rows], ref["ll"].numpy(), rtol=1e-2 * tol)
         # the row Gram's own-step regime = the symbolic one from (d_w, d_l, ip, nw2, nl2)
         d_w, d_l = table["d_w"][rows], table["d_l"][rows]
         dlw, dll = regimes.first_order(d_w, d_l, ref["ip"].numpy(), ref["nw2"].numpy(), ref["nl2"].numpy())
@@ -176,9 +180,9 @@ def _check_against_reference(trainer, cb, seen, params="all", lora=False, ref_mo
             lw_ref, ll_ref = ref_logps.double().chunk(2)
             want = symbolic.derive("dpo").weights(ref["lw"].numpy(), ref["ll"].numpy(), lw_ref, ll_ref,
                                                   beta=trainer.beta)
-            np.testing.assert_allclose(d_w, want[0], rtol=1e-12)
-            np.testing.assert_allclose(d_l, want[1], rtol=1e-12)
-    assert worst < 1e-10, worst
+            np.testing.assert_allclose(d_w, want[0], rtol=1e-2 * tol)
+            np.testing.assert_allclose(d_l, want[1], rtol=1e-2 * tol)
+    assert worst < tol, worst
     print(f"largest ip/nw2/nl2 error against the reference probe, relative to the batch's largest: {worst:.1e}")
     return table
 
@@ -476,3 +480,35 @@ def test_with_logging_every_two_steps_each_row_covers_the_steps_since_the_last(t
     first = rows[0]
     assert first["step"] == 2 and first[f"{PREFIX}train_steps"] == 2
     assert first[f"{PREFIX}train_mean_cos"] == pytest.approx(np.mean(table["cos"][table["step"] <= 2]))
+
+
+@pytest.fixture
+def llama():
+    ARCH["arch"] = "llama"
+    yield
+    ARCH["arch"] = "gpt2"
+
+
+def test_float64_llama_untied_head_rows_equal_the_reference_probe(tmp_path, one_thread, llama):
+    """A Llama-shaped model (RMSNorm, rotary positions, grouped KV heads, untied head), without
+    gradient checkpointing, against the reference probe (one trimmed pair at a time). transformers'
+    Llama computes RMSNorm and the rotary tables in float32 even in a float64 model, so the padded
+    batch and the trimmed pair round differently there: agreement to float32 rounding (measured
+    3.5e-8), not 1e-15 as for GPT-2."""
+    trainer = _trainer(tmp_path, steps=2, batch=2, dtype=torch.float64, bf16=False, lr=1e-2,
+                       gradient_checkpointing=False)
+    assert type(trainer.model).__name__ == "LlamaForCausalLM"
+    cb = TrainEntanglementCallback(out_dir=False).attach(trainer)
+    seen = _capture(trainer)
+    trainer.train()
+    _check_against_reference(trainer, cb, seen, ref_model=trainer.ref_model, tol=1e-6)
+
+
+def test_llama_under_gradient_checkpointing_is_refused_with_advice(tmp_path, one_thread, llama):
+    """Known limit (reported): the recorder re-runs RMSNorm to read its per-row gradient, which
+    non-reentrant checkpointing rejects; a GesimError says what to do instead of torch's error."""
+    trainer = _trainer(tmp_path, steps=1, batch=2)
+    assert trainer.args.gradient_checkpointing
+    TrainEntanglementCallback(out_dir=False).attach(trainer)
+    with pytest.raises(GesimError, match="gradient_checkpointing=False"):
+        trainer.train()

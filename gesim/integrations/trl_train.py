@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from transformers import TrainerCallback
 
 from gesim import regimes
@@ -123,8 +124,13 @@ class TrainEntanglementCallback(TrainerCallback):
 
         rows = torch.arange(B)
         amp = trl_layout.amp_context(self.trainer)
-        with trl_layout.unfused_head(self.hf, on_log_probs, amp), self.tel.record(rows, rows + B):
-            loss = original(model, inputs, *args, **kwargs)
+        try:
+            with trl_layout.unfused_head(self.hf, on_log_probs, amp), self.tel.record(rows, rows + B):
+                loss = original(model, inputs, *args, **kwargs)
+        except torch.utils.checkpoint.CheckpointError as err:  # the recorder's replay rule inside a checkpoint
+            raise GesimError("train mode cannot record this model under gradient checkpointing yet (a layer the "
+                             "recorder re-runs, e.g. Llama's RMSNorm, saves tensors checkpointing does not expect); "
+                             "train with gradient_checkpointing=False") from err
         rg = self.tel.pop()
         if len(seen) != 2:
             raise GesimError(f"train mode expected one grad-enabled policy forward and its backward in the step, "
