@@ -18,7 +18,8 @@ autograd Function, so no module hook sees it, and a tied embedding would silentl
 head term. :func:`unfused_head` swaps in, for grad-enabled calls only, the same computation
 with the head called as a module: backbone, ``lm_head(h[:, :-1])``, log-softmax in float32
 (float64 for float64 models), and trl's per-token outputs (``log_probs``, ``entropy``,
-``mean_logits``, ``is_top1``, ``log_sum_sq_probs``, zero where the label is -100). Values
+``mean_logits``, ``is_top1``, ``log_sum_sq_probs``, zero where the label is -100; all but
+``log_probs`` without gradient, as DPOTrainer 1.16 uses them). Values
 equal trl's up to rounding (trl folds the logits in float32 tiles); it materialises the
 (2B, T, V) logits, as transformers' own head does. Logit soft-capping / scaling and MoE
 router losses are refused.
@@ -165,9 +166,8 @@ def _head_outputs(hidden, lm_head, labels, num_items_in_batch):
     target = z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     zero = torch.zeros((), dtype=z.dtype, device=z.device)
     log_probs = torch.where(mask, target - log_z, zero)
-    p = torch.softmax(z, -1)
-    entropy = torch.where(mask, log_z - (p * z).sum(-1), zero)
-    with torch.no_grad():
+    with torch.no_grad():  # DPOTrainer 1.16 reads these detached only (entropy: `.detach()` in _compute_loss)
+        entropy = torch.where(mask, log_z - (torch.softmax(z, -1) * z).sum(-1), zero)
         mean_logits = torch.where(mask, z.mean(-1), zero)
         log_sum_sq = torch.where(mask, torch.logsumexp(2 * (z - log_z.unsqueeze(-1)), -1), zero)
         is_top1 = (z.argmax(-1) == labels) & mask
