@@ -59,7 +59,7 @@ def _capture(trainer):
 
     def step(model, inputs, *args, **kwargs):
         seen.append(({n: p.detach().clone() for n, p in trainer.model.named_parameters()},
-                     {k: v.clone() for k, v in inputs.items()}))
+                     {k: v.clone() if hasattr(v, "clone") else v for k, v in inputs.items()}))
         return inner(model, inputs, *args, **kwargs)
 
     trainer.training_step = step
@@ -332,7 +332,7 @@ def test_trainers_train_mode_cannot_read_are_refused(tmp_path):
     class KTOTrainer:
         pass
 
-    with pytest.raises(GesimError, match="DPOTrainer layout; got KTOTrainer"):
+    with pytest.raises(GesimError, match="CPOTrainer layouts; got KTOTrainer"):
         trl_layout.check_trainer(KTOTrainer())
     trainer = _trainer(tmp_path, steps=1)
     trainer.padding_free = True
@@ -512,3 +512,75 @@ def test_llama_under_gradient_checkpointing_is_refused_with_advice(tmp_path, one
     TrainEntanglementCallback(out_dir=False).attach(trainer)
     with pytest.raises(GesimError, match="gradient_checkpointing=False"):
         trainer.train()
+
+
+# ---- CPOTrainer (trl.experimental.cpo): the model's own logits --------------------------------
+
+def _cpo_trainer(tmp_path, steps=2, batch=3, **cfg):
+    import datasets
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    tok, model = _model(dtype=torch.float64)
+    config = CPOConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=batch, report_to=[],
+                       use_cpu=True, logging_steps=1, save_strategy="no", bf16=False, learning_rate=1e-2, seed=0,
+                       remove_unused_columns=False, **cfg)
+    return CPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(toy.toy_rows(16, seed=1)),
+                      processing_class=tok)
+
+
+@pytest.mark.parametrize("name", ["simpo", "cpo_trl"])
+def test_cpo_rows_equal_the_reference_probe_and_gesims_loss(name, tmp_path, one_thread):
+    """CPOTrainer (SimPO; CPO with its batch NLL term): d_w, d_l read from the logits' gradient
+    equal gesim's registered loss with trl's parameters, ip/nw2/nl2 the reference probe (1e-10)."""
+    from gesim import losses
+
+    params, cfg = {"simpo": ({"beta": 2.0, "gamma": 0.5}, {"loss_type": "simpo", "cpo_alpha": 0.0, "beta": 2.0,
+                                                             "simpo_gamma": 0.5}),
+                   "cpo_trl": ({"beta": 0.3, "alpha": 0.7, "eps": 0.1}, {"loss_type": "sigmoid", "cpo_alpha": 0.7,
+                                                                       "beta": 0.3, "label_smoothing": 0.1})}[name]
+    trainer = _cpo_trainer(tmp_path, **cfg)
+    cb = TrainEntanglementCallback(out_dir=False).attach(trainer)
+    seen = _capture(trainer)
+    trainer.train()
+    table = cb.table()
+    for k, (state, inputs) in enumerate(seen):
+        rows = table["step"] == k + 1
+        B, ids, labels = trl_layout.read_cpo_layout(inputs)
+        mask = (labels != -100).long()
+        pb = lm.PairBatch(ids[:B], ids[B:], mask[:B], mask[B:])
+        ref = probe.pair_stats(_fresh(state, torch.float64), pb, backend="reference")
+        for key in ("ip", "nw2", "nl2", "lw", "ll"):
+            want = ref[key].numpy()
+            assert np.max(np.abs(table[key][rows] - want)) <= 1e-10 * np.abs(want).max(), key
+        len_w, len_l = table["len_w"][rows], table["len_l"][rows]
+        d_w, d_l = symbolic.derive(name).weights(table["lw"][rows], table["ll"][rows], 0.0, 0.0, len_w, len_l,
+                                                 **params, **losses.trl_batch_params(name, len_w))
+        np.testing.assert_allclose(table["d_w"][rows], d_w, rtol=1e-10)
+        np.testing.assert_allclose(table["d_l"][rows], d_l, rtol=1e-10)
+
+
+def test_logit_token_weights_read_k_and_refuse_other_logit_terms():
+    torch.manual_seed(0)
+    z = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[-100, 1, 2, 3], [-100, -100, 4, 0]])
+    k_true = torch.tensor([[0.3, -0.2, 0.5], [0.0, 0.7, -0.1]], dtype=torch.float64)
+    lp = torch.log_softmax(z[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    mask = labels[:, 1:] != -100
+    (g,) = torch.autograd.grad((lp * k_true * mask).sum(), z, retain_graph=True)
+    torch.testing.assert_close(trl_layout.logit_token_weights(z, g, labels), k_true * mask)
+    zs = z[:, :-1]
+    entropy = -(torch.softmax(zs, -1) * torch.log_softmax(zs, -1)).sum()  # a term on other logits
+    (g2,) = torch.autograd.grad((lp * k_true * mask).sum() + 0.1 * entropy, z, retain_graph=True)
+    with pytest.raises(GesimError, match="not a multiple"):
+        trl_layout.logit_token_weights(z, g2, labels)
+    (g3,) = torch.autograd.grad((lp * k_true * mask).sum() + z[:, -1].sum(), z)
+    with pytest.raises(GesimError, match="last position"):
+        trl_layout.logit_token_weights(z, g3, labels)
+
+
+def test_orpo_is_refused_its_nll_reaches_the_prompt():
+    class ORPOTrainer:
+        pass
+
+    with pytest.raises(GesimError, match="prompt tokens"):
+        trl_layout.check_trainer(ORPOTrainer())

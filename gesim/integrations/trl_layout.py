@@ -30,6 +30,13 @@ router losses are refused.
 response token (``c_b`` on the shared and ``ld_alpha c_b`` on the tail tokens under LD-DPO),
 so the row's parameter gradient is ``r_b = c_b grad lw_b``. :func:`row_weights` reads c_b and
 checks that pattern (anything else is refused: the per-row numbers would be wrong).
+
+**CPOTrainer** (``trl.experimental.cpo``, 1.16: SimPO, CPO): ``concatenated_forward`` runs the
+model itself on [chosen rows; rejected rows] padded to one length, labels -100 off the
+response; its head is a module call already. ``dL/dlogp`` is read from the logits' gradient
+(:func:`logit_token_weights`); its NLL term (``cpo_alpha``) is a per-token multiple of the
+chosen rows' log-probs and is read with the rest. ORPO is refused: its NLL also covers the
+prompt tokens, a gradient outside the pair's (g_w, g_l).
 """
 
 from __future__ import annotations
@@ -60,9 +67,7 @@ def check_trainer(trainer, allow_untested: bool = False):
     """Refuse a trainer whose step layout is not the one read here (message names the reason)."""
     import trl
 
-    name = type(trainer).__name__
-    if not any(c.__name__ == "DPOTrainer" for c in type(trainer).__mro__):
-        raise GesimError(f"train mode reads trl's DPOTrainer layout; got {name} (its rows are laid out otherwise)")
+    kind = trainer_kind(trainer)
     version = ".".join(trl.__version__.split(".")[:2])
     if version != TESTED_TRL and not allow_untested:
         raise GesimError(f"train mode reads trl {TESTED_TRL}'s DPOTrainer layout; trl {trl.__version__} may lay "
@@ -81,12 +86,33 @@ def check_trainer(trainer, allow_untested: bool = False):
                          "replace them (not supported)")
     if getattr(trainer, "_is_vision_dataset", False):
         raise GesimError("vision-language batches (images) are not read by train mode")
+    if kind == "cpo":
+        if getattr(trainer, "is_encoder_decoder", False):
+            raise GesimError("train mode reads decoder-only CPO batches; this model is an encoder-decoder")
+        return kind
     config = hf_model(trainer).config.get_text_config()
     for field in _LOGIT_FIELDS:
         value = getattr(config, field, None)
         if value is not None and value != 1.0:
             raise GesimError(f"the model config sets {field}={value}: train mode's unfused LM head does not "
                              "rescale logits")
+    return kind
+
+
+def trainer_kind(trainer) -> str:
+    """"dpo" (trl's DPOTrainer: one fused-head forward over [chosen; rejected]) or "cpo"
+    (trl.experimental's CPOTrainer: the model's own logits over [chosen; rejected], padded to one
+    length, ``chosen_labels`` / ``rejected_labels`` -100 off the response); anything else refused."""
+    names = {c.__name__ for c in type(trainer).__mro__}
+    if "DPOTrainer" in names:
+        return "dpo"
+    if "CPOTrainer" in names:
+        return "cpo"
+    if "ORPOTrainer" in names:
+        raise GesimError("ORPOTrainer's NLL term runs over the prompt tokens too: part of its gradient lies outside "
+                         "the pair's (g_w, g_l), so train mode does not read it")
+    raise GesimError(f"train mode reads trl's DPOTrainer and CPOTrainer layouts; got {type(trainer).__name__} "
+                     "(its rows are laid out otherwise)")
 
 
 def read_layout(inputs) -> int:
@@ -221,3 +247,65 @@ def unfused_head(model, on_log_probs=None, amp=None):
         yield
     finally:
         model.forward = fused
+
+
+# ---- CPOTrainer (trl.experimental.cpo, 1.16): the model's own logits -------------------------------
+
+CPO_KEYS = {"prompt", "chosen", "rejected", "prompt_input_ids", "prompt_attention_mask", *(
+    f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "labels"))}
+
+
+def read_cpo_layout(inputs):
+    """B and the (2B, T) token ids and labels of CPOTrainer's ``concatenated_forward`` (chosen rows,
+    then rejected rows, each padded to the longer side), checked as :func:`read_layout` does."""
+    extra = set(inputs) - CPO_KEYS
+    if extra:
+        raise GesimError(f"the CPO batch has inputs train mode does not read: {sorted(extra)}")
+    T = max(inputs["chosen_input_ids"].shape[1], inputs["rejected_input_ids"].shape[1])
+    pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)  # noqa: E731
+    ids = torch.cat([pad(inputs[f"{s}_input_ids"], 0) for s in ("chosen", "rejected")])
+    attn = torch.cat([pad(inputs[f"{s}_attention_mask"], 0) for s in ("chosen", "rejected")])
+    labels = torch.cat([pad(inputs[f"{s}_labels"], -100) for s in ("chosen", "rejected")])
+    resp = labels != -100
+    if torch.any(resp & (labels != ids)):
+        raise GesimError("CPO labels differ from the input ids on the response: not the layout read here")
+    read_layout({"input_ids": ids, "attention_mask": attn, "completion_mask": resp.long()})
+    return len(ids) // 2, ids, labels
+
+
+@contextlib.contextmanager
+def logits_hook(model, seen):
+    """Within the block, every grad-enabled call of ``model`` appends its ``logits`` to ``seen``,
+    then their gradient when the backward reaches them."""
+    def hook(module, args, kwargs, output):
+        if torch.is_grad_enabled():
+            seen.append(output.logits)
+            output.logits.register_hook(lambda g: seen.append(g))
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def logit_token_weights(logits, grad, labels, rtol=None):
+    """k (N, T-1): dL/dlogp[b, t] of the next-token log-probs, from the logits' gradient: any loss
+    that uses the logits only through those log-probs has ``dL/dz_t = k_t (e_{y_t} - p_t)``;
+    checked (with nothing off the response), else refused."""
+    z = logits.detach()[:, :-1]
+    y = labels[:, 1:]
+    mask = y != -100
+    g = grad.detach()
+    tol = rtol if rtol is not None else max(1e-6, 50 * torch.finfo(g.dtype).eps)
+    scale = g.abs().max().clamp(min=torch.finfo(g.dtype).tiny)
+    if g[:, -1].abs().max() > tol * scale:
+        raise GesimError("the loss has a gradient on the last position's logits: not next-token log-probs")
+    g = g[:, :-1].to(torch.float64 if z.dtype == torch.float64 else torch.float32)
+    e = torch.nn.functional.one_hot(y.clamp(min=0), z.shape[-1]).to(g.dtype) - torch.softmax(z.to(g.dtype), -1)
+    k = (g * e).sum(-1) / (e * e).sum(-1).clamp(min=torch.finfo(g.dtype).tiny)
+    k = torch.where(mask, k, torch.zeros_like(k))
+    if (g - k[..., None] * e).abs().max() > tol * scale:
+        raise GesimError("the loss's gradient on the logits is not a multiple of the response tokens' log-prob "
+                         "gradients (a term on other positions or other logits): train mode would misread it")
+    return k

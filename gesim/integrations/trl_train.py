@@ -1,5 +1,6 @@
 """``TrainEntanglementCallback``: the entanglement of every pair trl trains on, at every step,
-read from the training step's own backward pass (issue 15 item 3; trl 1.16 ``DPOTrainer``).
+read from the training step's own backward pass (issue 15 item 3; trl 1.16 ``DPOTrainer``, and
+``trl.experimental.cpo.CPOTrainer``: SimPO, CPO).
 
 What it measures. A DPO micro-batch of B pairs backpropagates one scalar L (trl's batch loss,
 divided by the m micro-batches of an optimizer step). The chosen row of pair b contributes
@@ -23,12 +24,14 @@ the micro-batch's whole forward and backward (the loss, trl's reference forward,
 accelerator's backward, the loss scaling for gradient accumulation) and nothing else, so
 one record block is exactly one micro-batch. ``compute_loss`` would miss the backward, and
 hooks on ``forward`` alone could not tell the reference forward or evaluation from training.
-Inside the block the policy's LM head runs unfused (``trl_layout.unfused_head``: trl's fused
-head hides the head weight from module hooks), under accelerate's autocast when it wraps the
-forward: forward values are trl's; the head's gradient rounds differently (float32: trl's
-logged values kept to 1e-5 relative over 20 steps; bf16 autocast: bf16 GEMM outputs where trl
-accumulates in float32). Each process of a DDP run records and writes its own rows (the row
-products are local; DDP averages parameter gradients only).
+For CPOTrainer (the model's own logits, no fused head) c is read from the logits' gradient
+instead (``trl_layout.logit_token_weights``). For DPOTrainer, inside the block the policy's LM
+head runs unfused (``trl_layout.unfused_head``: trl's fused head hides the head weight from
+module hooks), under accelerate's autocast when it wraps the forward: forward values are
+trl's; the head's gradient rounds differently (float32: trl's logged values kept to 1e-5
+relative over 20 steps; bf16 autocast: bf16 GEMM outputs where trl accumulates in float32).
+Each process of a DDP run records and writes its own rows (the row products are local; DDP
+averages parameter gradients only).
 
 Outputs. The trainer's own log rows keep every key and value they have without the callback;
 the callback adds, to the next training row the trainer logs (``logs`` and
@@ -94,11 +97,11 @@ class TrainEntanglementCallback(TrainerCallback):
     # -- set-up ----------------------------------------------------------------------------
     def attach(self, trainer):
         """Check ``trainer``'s layout, wrap its ``training_step``, register first among its callbacks."""
-        trl_layout.check_trainer(trainer, self.allow_untested_trl)
+        self.kind = trl_layout.check_trainer(trainer, self.allow_untested_trl)
         if getattr(trainer, "_gesim_train_callback", None) is not None:
             raise GesimError("a TrainEntanglementCallback is already attached to this trainer")
         self.trainer = trainer
-        self.hf = trl_layout.hf_model(trainer)
+        self.hf = trl_layout.hf_model(trainer) if self.kind == "dpo" else None
         self.ld_alpha = getattr(trainer, "ld_alpha", None)
         if self.out_dir is None:
             self.out_dir = Path(trainer.args.output_dir) / "entanglement"
@@ -113,7 +116,10 @@ class TrainEntanglementCallback(TrainerCallback):
 
     # -- one micro-batch -------------------------------------------------------------------
     def _training_step(self, original, model, inputs, *args, **kwargs):
-        B = trl_layout.read_layout(inputs)
+        if self.kind == "cpo":
+            B, _, labels = trl_layout.read_cpo_layout(inputs)
+        else:
+            B = trl_layout.read_layout(inputs)
         if self.tel is None:  # built at the first step: the trainer may change trainable flags before
             self.tel = StepTelemetry(self.trainer.model, self.select)
         seen = []
@@ -123,9 +129,12 @@ class TrainEntanglementCallback(TrainerCallback):
             lp.register_hook(lambda g: seen.append(g))
 
         rows = torch.arange(B)
-        amp = trl_layout.amp_context(self.trainer)
+        if self.kind == "cpo":  # the model's own logits: read dL/dlogp from dL/dlogits
+            watch = trl_layout.logits_hook(self.trainer.model, seen)
+        else:
+            watch = trl_layout.unfused_head(self.hf, on_log_probs, trl_layout.amp_context(self.trainer))
         try:
-            with trl_layout.unfused_head(self.hf, on_log_probs, amp), self.tel.record(rows, rows + B):
+            with watch, self.tel.record(rows, rows + B):
                 loss = original(model, inputs, *args, **kwargs)
         except torch.utils.checkpoint.CheckpointError as err:  # the recorder's replay rule inside a checkpoint
             raise GesimError("train mode cannot record this model under gradient checkpointing yet (a layer the "
@@ -135,8 +144,16 @@ class TrainEntanglementCallback(TrainerCallback):
         if len(seen) != 2:
             raise GesimError(f"train mode expected one grad-enabled policy forward and its backward in the step, "
                              f"saw {len(seen) // 2 + len(seen) % 2} forward(s) and {len(seen) // 2} backward(s)")
-        lp, grad = seen
-        comp = inputs["completion_mask"][:, 1:].to(grad.device).bool()
+        if self.kind == "cpo":
+            logits, grad_logits = seen
+            labels = labels.to(logits.device)
+            grad = trl_layout.logit_token_weights(logits, grad_logits, labels)  # dL/dlogp (2B, T-1)
+            comp = labels[:, 1:] != -100
+            lp = torch.log_softmax(logits.detach()[:, :-1].to(grad.dtype), -1).gather(
+                -1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        else:
+            lp, grad = seen
+            comp = inputs["completion_mask"][:, 1:].to(grad.device).bool()
         w = trl_layout.token_weights(comp, self.ld_alpha, grad.dtype)
         c = trl_layout.row_weights(grad, w)
         logps = (lp.detach().to(grad.dtype) * w).sum(1)
