@@ -90,7 +90,7 @@ class Recorder:
             if not isinstance(rule, ElementwiseRule) and not set(entry[1]) <= {"weight", "bias"}:
                 rule = ElementwiseRule()
             entry.append(rule)
-        self._replay, self.copy_outputs = False, False
+        self._replay, self.copy_outputs = False, True  # RowRule: a copy of each output, never a view
 
     # -- what the rules read -------------------------------------------------------------
     @contextlib.contextmanager
@@ -172,10 +172,12 @@ class Recorder:
         return None
 
     def _root_post(self, mod, args, output):
-        for t, v in self.watched_outputs:
-            if t._version != v:
-                raise GesimError("telemetry: the model updates a hooked module's output in place; its gradient "
-                                 "cannot be read by a tensor hook (not supported)")
+        """No reference to the hooked outputs past the forward (the logits would stay alive). An
+        output the model later updates in place is fine: a tensor hook receives the gradient of
+        the version it was registered on (torch's autograd semantics since 2.0), i.e. of what
+        the module returned."""
+        if not _in_backward():
+            self.watched_outputs = []
 
     def _hook(self, mname, rule0, roles):
         def hook(mod, args, kwargs, output):
@@ -206,6 +208,8 @@ class Recorder:
                 if not out.requires_grad:
                     raise GesimError(f"telemetry: module {mname} ({type(mod).__name__}) owns selected parameters "
                                      "but its output does not require grad")
+                if out._base is not None:  # a view: an in-place update of it re-routes autograd; give a copy
+                    out = out.clone()
                 out.register_hook(lambda g, use=use: self._on_grad(use, g))
                 self.watched_outputs.append((out, out._version))
             return out if out is not output else None
