@@ -369,10 +369,11 @@ def linear_gram(a, b) -> torch.Tensor:
     ``G_i = B_i^T A_i`` (a: (R, T, d_in), b: (R, T, d_out); Frobenius products are transpose
     invariant, so HF Conv1D is the same): flattened ghost Grams ``sum_{t,s} (A A^T)(B B^T)``
     (2 (RT)^2 (d_in + d_out) FLOPs) or per-row gradients materialised in chunks of the output
-    dimension (2 R T d_in d_out + 2 R^2 d_in d_out FLOPs), whichever is cheaper."""
+    dimension (2 R T d_in d_out + 2 R^2 d_in d_out FLOPs, counted twice: writing R d_in d_out
+    floats made it about 2.6x a weight-gradient GEMM on CPU), whichever is cheaper."""
     R, T, d_in = a.shape
     d_out = b.shape[2]
-    if (R * T) ** 2 * (d_in + d_out) < R * T * d_in * d_out + R * R * d_in * d_out:
+    if (R * T) ** 2 * (d_in + d_out) < 2 * R * T * d_in * d_out + R * R * d_in * d_out:  # x2: memory-bound
         af, bf = a.reshape(R * T, d_in), b.reshape(R * T, d_out)
         return ((af @ af.T) * (bf @ bf.T)).view(R, T, R, T).sum((1, 3))
     K = torch.zeros(R, R, dtype=a.dtype, device=a.device)
