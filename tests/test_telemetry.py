@@ -400,3 +400,39 @@ def test_logits_to_keep_head_on_fewer_positions_exact_against_row_autograd():
         assert torch.allclose(rg.rw2, want.diagonal()[:P], rtol=RTOL, atol=0)
         if batch_gram:
             assert float((rg.gram - want).abs().max() / want.abs().max()) < RTOL
+
+
+FAMILIES = ["gemma", "bloom", "qwen2_moe", "cohere", "gpt_neo", "falcon"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_families_batch_gram_equals_row_autograd(family):
+    """Families through every rule: RMSNorm (elementwise), MoE experts and Falcon's Linear
+    subclass (row replay; Falcon also updates a hooked output in place), fused QKV, ALiBi."""
+    from gesim.probe import families
+    m = families.build_tiny(family)
+    b = _batch(3)
+    ids, mask = b.stacked()
+    ids = ids % families.VOCAB
+    params = [p for p in m.parameters() if p.requires_grad]
+    s = lm.response_logps(m, ids, mask)
+    coef = torch.linspace(1.0, -0.5, len(s), dtype=s.dtype)
+    R = torch.stack([torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(
+        torch.autograd.grad(coef[i] * s[i], params, retain_graph=True, allow_unused=True), params)])
+        for i in range(len(s))])
+    tel = StepTelemetry(m, batch_gram=True)
+    with tel.record(torch.arange(3), torch.arange(3, 6)):
+        (coef * lm.response_logps(m, ids, mask)).sum().backward()
+    want = R @ R.T
+    tol = max(RTOL, families.FLOAT32_PARTS.get(family, 0))
+    assert float((tel.pop().gram - want).abs().max() / want.abs().max()) < tol
+
+
+def test_parameters_used_functionally_refused_by_name_mamba():
+    from gesim.probe import families
+    m = families.build_tiny("mamba")
+    ids, mask = _batch(2).stacked()
+    tel = StepTelemetry(m)
+    with pytest.raises(GesimError, match="conv1d.weight"):
+        with tel.record(torch.arange(2), torch.arange(2, 4)):
+            lm.response_logps(m, ids % families.VOCAB, mask).sum().backward()

@@ -49,6 +49,12 @@ def test_telemetry_refuses_a_custom_objective():
             objective=lambda *a: None)
 
 
+def test_telemetry_modes_come_from_the_registry():
+    from gesim import registries
+    from gesim.transformer import telemetry
+    assert telemetry.MODES is registries.TELEMETRY
+
+
 def test_unknown_telemetry_mode_refused():
     with pytest.raises(GesimError, match="telemetry mode"):
         TrainConfig.fast(telemetry="every")

@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="checkpoint every N preference steps (default: the preset's)")
-    p.add_argument("--telemetry", choices=("off", "pairs", "batch"), default="off",
+    p.add_argument("--telemetry", choices=registries.TELEMETRY, default="off",
                    help="record every training pair of every step from the step's own backward: 'pairs' (own-step "
                    "regime, cos, ip/nw2/nl2), 'batch' (also the batch step's regime); per-step fractions in "
                    "metrics.csv, per-pair rows in DIR/train_pairs/ (default off)")

@@ -24,6 +24,7 @@ import contextlib
 import torch
 
 from gesim.errors import GesimError
+from gesim.probe.grams import embedding_gram, linear_gram, tied_gram
 from gesim.probe.layers import (
     ElementwiseRule,
     EmbeddingRule,
@@ -37,7 +38,6 @@ from gesim.probe.layers import (
 from gesim.probe.reference import selected_named
 
 CONTAINERS = (torch.nn.ParameterDict, torch.nn.ParameterList, torch.nn.ModuleDict, torch.nn.ModuleList)
-CHUNK_BYTES = 256 * 2**20  # materialised per-row gradients: at most this much at once
 
 
 def as_index(rows: torch.Tensor):
@@ -90,7 +90,7 @@ class Recorder:
             if not isinstance(rule, ElementwiseRule) and not set(entry[1]) <= {"weight", "bias"}:
                 rule = ElementwiseRule()
             entry.append(rule)
-        self._replay, self.copy_outputs = False, False
+        self._replay, self.copy_outputs = False, True  # RowRule: a copy of each output, never a view
 
     # -- what the rules read -------------------------------------------------------------
     @contextlib.contextmanager
@@ -172,10 +172,12 @@ class Recorder:
         return None
 
     def _root_post(self, mod, args, output):
-        for t, v in self.watched_outputs:
-            if t._version != v:
-                raise GesimError("telemetry: the model updates a hooked module's output in place; its gradient "
-                                 "cannot be read by a tensor hook (not supported)")
+        """No reference to the hooked outputs past the forward (the logits would stay alive). An
+        output the model later updates in place is fine: a tensor hook receives the gradient of
+        the version it was registered on (torch's autograd semantics since 2.0), i.e. of what
+        the module returned."""
+        if not _in_backward():
+            self.watched_outputs = []
 
     def _hook(self, mname, rule0, roles):
         def hook(mod, args, kwargs, output):
@@ -206,8 +208,9 @@ class Recorder:
                 if not out.requires_grad:
                     raise GesimError(f"telemetry: module {mname} ({type(mod).__name__}) owns selected parameters "
                                      "but its output does not require grad")
+                if out._base is not None:  # a view: an in-place update of it re-routes autograd; give a copy
+                    out = out.clone()
                 out.register_hook(lambda g, use=use: self._on_grad(use, g))
-                self.watched_outputs.append((out, out._version))
             return out if out is not output else None
         return hook
 
@@ -356,58 +359,4 @@ def _out_shape(use):
     return (*use.a.shape[:2], use.rule.out_dim(use))
 
 
-def _chunk(R, other, dtype):
-    return max(1, CHUNK_BYTES // max(1, R * other * torch.finfo(dtype).bits // 8))
-
-
-def linear_gram(a, b) -> torch.Tensor:
-    """Full Gram ``<G_i, G_j>`` (R, R) of a linear map's per-row weight gradients
-    ``G_i = B_i^T A_i`` (a: (R, T, d_in), b: (R, T, d_out); Frobenius products are transpose
-    invariant, so HF Conv1D is the same): flattened ghost Grams ``sum_{t,s} (A A^T)(B B^T)``
-    (2 (RT)^2 (d_in + d_out) FLOPs) or per-row gradients materialised in chunks of the output
-    dimension (2 R T d_in d_out + 2 R^2 d_in d_out FLOPs), whichever is cheaper."""
-    R, T, d_in = a.shape
-    d_out = b.shape[2]
-    if (R * T) ** 2 * (d_in + d_out) < R * T * d_in * d_out + R * R * d_in * d_out:
-        af, bf = a.reshape(R * T, d_in), b.reshape(R * T, d_out)
-        return ((af @ af.T) * (bf @ bf.T)).view(R, T, R, T).sum((1, 3))
-    K = torch.zeros(R, R, dtype=a.dtype, device=a.device)
-    step = _chunk(R, d_in, a.dtype)
-    for o in range(0, d_out, step):
-        G = torch.einsum("nto,nti->noi", b[..., o:o + step], a).reshape(R, -1)
-        K += G @ G.T
-    return K
-
-
-def embedding_gram(ids, c) -> torch.Tensor:
-    """Full Gram of an embedding's per-row gradients ``G_i = sum_t e_{x_it} c_it^T``:
-    ``sum_{t,s} [x_it = x_js] c_it . c_js`` (ids: (R, T), c: (R, T, d))."""
-    R, T, d = c.shape
-    cf, xf = c.reshape(R * T, d), ids.reshape(R * T)
-    return ((xf[:, None] == xf[None, :]) * (cf @ cf.T)).view(R, T, R, T).sum((1, 3))
-
-
-def tied_gram(uses, shape) -> torch.Tensor:
-    """Full Gram of a tied (V, d) weight's per-row gradients summed over its uses (embedding
-    lookups and linear heads), materialised in chunks of vocabulary rows."""
-    V, d = shape
-    R = uses[0][1].shape[0]
-    ref = next(b for _, _, b in uses)
-    K = torch.zeros(R, R, dtype=ref.dtype, device=ref.device)
-    step = _chunk(R, d, ref.dtype)
-    for v0 in range(0, V, step):
-        v1 = min(V, v0 + step)
-        G = torch.zeros(R, v1 - v0, d, dtype=ref.dtype, device=ref.device)
-        for rule, a, b in uses:
-            if isinstance(rule, EmbeddingRule):
-                inside = (a >= v0) & (a < v1)
-                rows = torch.arange(R, device=a.device)[:, None].expand_as(a)[inside]
-                G.view(-1, d).index_add_(0, rows * (v1 - v0) + (a[inside] - v0), b[inside])
-            else:
-                G += torch.einsum("ntv,nti->nvi", b[..., v0:v1], a)
-        G = G.reshape(R, -1)
-        K += G @ G.T
-    return K
-
-
-__all__ = ["Recorder", "as_index", "embedding_gram", "linear_gram", "tied_gram"]
+__all__ = ["Recorder", "as_index"]

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gesim import lm, losses, regimes
+from gesim import lm, losses, regimes, registries
 from gesim.errors import GesimError
 from gesim.output import write_rows
 from gesim.probe import StepTelemetry, loss_weights
 from gesim.probe.telemetry import FRACTION_KEYS, pair_rows, step_fractions
 
-MODES = ("off", "pairs", "batch")
+MODES = registries.TELEMETRY
 __all__ = ["FRACTION_KEYS", "MODES", "log", "metrics_rows", "recorder", "step"]
 
 
