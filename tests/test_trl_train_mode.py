@@ -584,3 +584,30 @@ def test_orpo_is_refused_its_nll_reaches_the_prompt():
 
     with pytest.raises(GesimError, match="prompt tokens"):
         trl_layout.check_trainer(ORPOTrainer())
+
+
+def test_ld_dpo_rows_use_trls_length_desensitised_log_probs(tmp_path, one_thread):
+    """ld_alpha: trl weighs the tokens past the shorter response of the pair by ld_alpha; the rows'
+    lw, ll are those weighted log-probs (trl's logged logps/*), and d_w, d_l read from the
+    backward are DPO's weights on them (the gradient r = c grad lw holds for the weighted lw)."""
+    trainer = _trainer(tmp_path, steps=2, batch=3, dtype=torch.float64, bf16=False, lr=1e-2, ld_alpha=0.5)
+    cb = TrainEntanglementCallback(out_dir=False).attach(trainer)
+    seen = _capture(trainer)
+    trainer.train()
+    table = cb.table()
+    logged = [r for r in trainer.state.log_history if "loss" in r]
+    for k, (_, inputs) in enumerate(seen):
+        rows = table["step"] == k + 1
+        assert logged[k]["logps/chosen"] == pytest.approx(table["lw"][rows].mean(), rel=1e-5)
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        with torch.no_grad():
+            lp = trainer.ref_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                   labels=labels, fused_lm_head=True, use_cache=False).log_probs
+        w = trl_layout.token_weights(inputs["completion_mask"][:, 1:].bool(), 0.5, torch.float64)
+        assert set(torch.unique(w).tolist()) == {0.0, 0.5, 1.0}
+        ref = (lp * (w == 1)).sum(1) + 0.5 * (lp * (w == 0.5)).sum(1)  # as trl sums them (float32)
+        lw_ref, ll_ref = ref.double().chunk(2)
+        d_w, d_l = symbolic.derive("dpo").weights(table["lw"][rows], table["ll"][rows], lw_ref, ll_ref,
+                                                  beta=trainer.beta)
+        np.testing.assert_allclose(table["d_w"][rows], d_w, rtol=1e-10)
+        np.testing.assert_allclose(table["d_l"][rows], d_l, rtol=1e-10)
