@@ -107,3 +107,75 @@ def to_jsonable(obj):
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+ROW_FORMATS = ("auto", "parquet", "csv")
+
+
+def write_rows(folder, part: str, columns: dict, fmt: str = "auto") -> Path:
+    """One part of a columnar table: ``folder/part.parquet`` (pyarrow, when importable or
+    ``fmt="parquet"``) or ``folder/part.csv``, written atomically. ``columns``: {name: 1-D
+    array-like}, all of one length. Parts never overwrite each other's rows: give each writer
+    (training step, process rank) its own ``part`` name; :func:`read_rows` concatenates them."""
+    if fmt not in ROW_FORMATS:
+        raise GesimError(f"unknown row format {fmt!r}; choose one of {', '.join(ROW_FORMATS)}")
+    if not part or "/" in part or part.startswith("."):
+        raise GesimError(f"part name {part!r} must be a plain file stem")
+    cols = {k: np.asarray(v) for k, v in columns.items()}
+    if len({len(v) for v in cols.values()}) > 1:
+        raise GesimError("write_rows: columns of different lengths " + str({k: len(v) for k, v in cols.items()}))
+    if fmt == "auto":
+        try:
+            import pyarrow  # noqa: F401
+            fmt = "parquet"
+        except ImportError:
+            fmt = "csv"
+    if fmt == "parquet":
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(pa.table({k: pa.array(v) for k, v in cols.items()}), buf)
+        return atomic_write_bytes(Path(folder) / f"{part}.parquet", buf.getvalue())
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(list(cols))
+    writer.writerows(zip(*(v.tolist() for v in cols.values())))
+    return atomic_write_text(Path(folder) / f"{part}.csv", buf.getvalue())
+
+
+def read_rows(folder) -> dict:
+    """Every part written by :func:`write_rows` in ``folder`` (sorted by name), concatenated:
+    {column: numpy array}."""
+    parts = sorted(Path(folder).glob("*.parquet")) + sorted(Path(folder).glob("*.csv"))
+    if not parts:
+        raise GesimError(f"no row parts (*.parquet, *.csv) in {folder}")
+    tables = []
+    for path in parts:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(path)
+            tables.append({k: t.column(k).to_numpy() for k in t.column_names})
+        else:
+            import csv
+
+            with open(path, newline="") as fh:
+                rows = list(csv.reader(fh))
+            tables.append({k: np.array([_number(r[i]) for r in rows[1:]]) for i, k in enumerate(rows[0])})
+    keys = list(tables[0])
+    return {k: np.concatenate([t[k] for t in tables]) for k in keys}
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

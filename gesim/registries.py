@@ -45,6 +45,9 @@ TORCH_OPTIMIZERS = ("adamw", "sgd")
 #: Mixed-precision settings of the Transformer trainer.
 AMP = ("auto", "bf16", "off")
 
+#: Training-batch telemetry of gesim's trainer (:mod:`gesim.transformer.telemetry`).
+TELEMETRY = ("off", "pairs", "batch")
+
 #: Parameter dtypes a model can be loaded in (the probe).
 DTYPES = ("float32", "bfloat16", "float64")
 

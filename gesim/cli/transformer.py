@@ -41,6 +41,10 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="checkpoint every N preference steps (default: the preset's)")
+    p.add_argument("--telemetry", choices=registries.TELEMETRY, default="off",
+                   help="record every training pair of every step from the step's own backward: 'pairs' (own-step "
+                   "regime, cos, ip/nw2/nl2), 'batch' (also the batch step's regime); per-step fractions in "
+                   "metrics.csv, per-pair rows in DIR/train_pairs/ (default off)")
     p.add_argument("--progress", action="store_true", help="show a progress bar on stderr")
     add_format_option(p)
     p.set_defaults(func=run)
@@ -72,7 +76,8 @@ def run(args) -> int:
     preset = TrainConfig.fast if args.mode == "fast" else TrainConfig.full
     overrides = {k: v for k, v in (("lr", args.lr), ("pref_steps", args.steps),
                                    ("checkpoint_every", args.checkpoint_every)) if v is not None}
-    cfg = preset(seed=args.seed, device=args.device, arch=args.arch, optimizer=args.optimizer, **overrides)
+    cfg = preset(seed=args.seed, device=args.device, arch=args.arch, optimizer=args.optimizer,
+                 telemetry=args.telemetry, **overrides)
     if seeds is not None:
         return _many(args, params, cfg, seeds)
     out = train(args.structure, args.loss, params, cfg, progress=args.progress, out=args.out, resume=args.resume)

@@ -13,6 +13,7 @@ response log-prob over the selected parameters) and cos. Backends:
 
 from gesim.probe.api import BACKENDS, TokenGram, ches, output_head, pair_stats, token_gram
 from gesim.probe.reference import reference_pair_stats, reference_token_gram, selected_parameters
+from gesim.probe.telemetry import RowGram, StepTelemetry, loss_weights
 
-__all__ = ["BACKENDS", "TokenGram", "ches", "output_head", "pair_stats", "reference_pair_stats",
-           "reference_token_gram", "selected_parameters", "token_gram"]
+__all__ = ["BACKENDS", "RowGram", "StepTelemetry", "TokenGram", "ches", "loss_weights", "output_head", "pair_stats",
+           "reference_pair_stats", "reference_token_gram", "selected_parameters", "token_gram"]

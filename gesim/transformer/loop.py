@@ -40,12 +40,16 @@ class LossHistory(Callback):
 
 def train_steps(opt: torch.optim.Optimizer, loss_of: Callable[[torch.Tensor], torch.Tensor], n_rows: int,
                 batch: int, generator: torch.Generator, steps: Iterable[int], *, device="cpu",
-                autocast: Callable = contextlib.nullcontext, callback: Callback | None = None) -> None:
+                autocast: Callable = contextlib.nullcontext, callback: Callback | None = None,
+                backward: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> None:
     """Run ``steps`` optimizer steps of ``loss_of`` on batches of ``batch`` rows out of ``n_rows``.
 
     ``generator`` is the stage's own random stream (:func:`gesim.transformer.train.stage_seed`)
     and is the only randomness the loop uses; ``autocast()`` the context of the forward
-    (:meth:`TrainConfig.autocast`).
+    (:meth:`TrainConfig.autocast`). ``backward(step, rows) -> loss`` replaces the forward,
+    ``zero_grad`` and backward of a step (it must compute the same loss and leave its gradients
+    in ``.grad``): a step recorded from inside its own backward (training telemetry,
+    :mod:`gesim.transformer.telemetry`).
     """
     callback = callback or Callback()
     for step in steps:
@@ -54,12 +58,17 @@ def train_steps(opt: torch.optim.Optimizer, loss_of: Callable[[torch.Tensor], to
         rows = torch.randint(0, n_rows, (batch,), generator=generator).to(device)
         # measure the model before the update (the first-order checks need it)
         callback.before(step, rows)
-        # forward and loss (bf16 autocast on CUDA where the stage asks for it)
-        with autocast():
-            loss = loss_of(rows)
-        # backward and update
-        opt.zero_grad()
-        loss.backward()
+        if backward is None:
+            # forward and loss (bf16 autocast on CUDA where the stage asks for it)
+            with autocast():
+                loss = loss_of(rows)
+            # backward
+            opt.zero_grad()
+            loss.backward()
+        else:
+            # forward and backward together, recorded (the same loss and gradients)
+            loss = backward(step, rows)
+        # update
         opt.step()
         # measure the realised change, record, checkpoint
         callback.after(step, rows, loss)

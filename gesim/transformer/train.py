@@ -52,6 +52,7 @@ from gesim import lm, losses, probe, regimes
 from gesim.errors import GesimError, unknown
 from gesim.output import atomic_write_bytes, atomic_write_text, write_json
 from gesim.transformer import data, loop, measure
+from gesim.transformer import telemetry as train_telemetry
 from gesim.transformer.model import GPT, GPTConfig
 
 ARCHS = ("gpt", "hf-gpt2")
@@ -86,6 +87,7 @@ class TrainConfig:
     threads: int | None = 1  # CPU: torch intra-op threads for the run (restored after); None: the caller's
     suffix_len: int | None = None  # preference pairs cut to label + this many suffix tokens (suffix sweep)
     light: bool = False  # one-pair check at the start only, every step checked to first order
+    telemetry: str = "off"  # every training pair of every step: "pairs" (own step) or "batch" (+ batch step)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -94,6 +96,8 @@ class TrainConfig:
             raise unknown("amp setting", self.amp, AMP)
         if self.optimizer not in OPTIMIZERS:
             raise unknown("optimizer", self.optimizer, OPTIMIZERS)
+        if self.telemetry not in train_telemetry.MODES:
+            raise unknown("telemetry mode", self.telemetry, train_telemetry.MODES)
         if self.threads is not None and self.threads < 1:
             raise GesimError(f"threads must be a positive integer or None, got {self.threads}")
         if self.suffix_len is not None and not 0 <= self.suffix_len <= max(data.SUFFIX.values()):
@@ -291,6 +295,7 @@ def _preference(model, cfg, structure, loss, params, progress, *, objective, mak
             ref = {"train": lm.pair_logps(model, train), "eval": lm.pair_logps(model, evals)}
         start = 0
     (lw_ref, ll_ref), len_w, len_l = ref["train"], train.chosen_mask.sum(1), train.rejected_mask.sum(1)
+    tel = train_telemetry.recorder(model, cfg.telemetry, custom is not None)
     stop = cfg.pref_steps if until is None else min(until, cfg.pref_steps)
     meter.ref_eval, meter.stop = ref["eval"], stop
     if ckpt:  # everything a resumed run needs, the batch stream's state included
@@ -302,12 +307,19 @@ def _preference(model, cfg, structure, loss, params, progress, *, objective, mak
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc=f"{structure} {loss}", unit="step", initial=start, total=cfg.pref_steps)
-
     def loss_of(rows):
         return objective(model, train.take(rows), lw_ref[rows], ll_ref[rows], len_w[rows], len_l[rows])
 
+    backward = None
+    if tel is not None:
+        def backward(step, rows):  # the same loss and gradients, recorded pair by pair
+            L, pair_rows = train_telemetry.step(tel, model, opt, train.take(rows), loss, params, (
+                lw_ref[rows], ll_ref[rows], len_w[rows], len_l[rows]), cfg.autocast())
+            train_telemetry.log(meter.extra, step, structure, pair_rows, rows, out)
+            return L
+
     loop.train_steps(opt, loss_of, len(train), cfg.batch, g, steps, device=cfg.device, autocast=cfg.autocast,
-                     callback=meter)
+                     callback=meter, backward=backward)
     done = stop == cfg.pref_steps
     extra = meter.extra
     if done:
@@ -422,7 +434,8 @@ def summary(structure: str, loss: str, params: dict, cfg: TrainConfig, sft_loss:
             "regimes": list(regimes.REGIMES), "pair_confusion": pair_c.tolist(), "batch_confusion": batch_c.tolist(),
             "token_cos_first": out.get("token_cos_first", []), "token_cos_last": out.get("token_cos_last", []),
             "outcomes": measure.pair_outcomes(out["pairs"]), "pairs": out["pairs"], "history": h,
-            "config": dataclasses.asdict(cfg)}
+            "config": dataclasses.asdict(cfg),
+            **{k: out[k] for k in ("train_telemetry", "train_pairs") if k in out}}
 
 
 SCALARS = ("step", "lw", "ll", "lw_per_token", "ll_per_token", "margin", "cos", "ip", "nw2", "nl2", "loss",
@@ -433,9 +446,13 @@ SCALARS = ("step", "lw", "ll", "lw_per_token", "ll_per_token", "margin", "cos", 
 def write_metrics(out: Path, result: dict) -> None:
     """``metrics.csv`` (one row per measured step) and ``summary.json`` in ``out``, atomically."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SCALARS, extrasaction="ignore", lineterminator="\n")
+    rows, fields = result["history"], SCALARS
+    if result.get("train_telemetry"):  # every step's training-pair fractions (gesim.transformer.telemetry)
+        rows = train_telemetry.metrics_rows(rows, result["train_telemetry"])
+        fields = SCALARS + train_telemetry.FRACTION_KEYS
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(result["history"])
+    writer.writerows(rows)
     atomic_write_text(Path(out) / "metrics.csv", buf.getvalue())
     write_json(Path(out) / "summary.json", result)
 
