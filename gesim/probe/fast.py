@@ -376,22 +376,10 @@ def fast_pair_stats(model, batch: lm.PairBatch, params="all", precond=None, per_
 
 
 def fast_token_gram(model, ids, mask, params="all"):
-    """Exact token Gram: every masked token (row, t) becomes its own copy of row with a
-    one-hot loss mask at t, and the per-sample machinery gives the full (M, M) Gram of the
-    copies (one forward over the M copies, one backward)."""
-    mask = mask.clone()
-    mask[:, 0] = 0
-    index = [(int(r), int(t)) for r, t in mask.nonzero().tolist()]
-    if not index:
-        raise GesimError("token_gram: the mask selects no response token")
-    rows = torch.tensor([r for r, _ in index], device=ids.device)
-    cols = torch.tensor([t for _, t in index], device=ids.device)
-    rep_ids = ids[rows]  # (M, T)
-    rep_mask = torch.zeros_like(rep_ids)
-    rep_mask[torch.arange(len(index)), cols] = 1
-    engine = _Engine(model, params, len(index), None)
-    engine.run(rep_ids, rep_mask)
-    return engine.products.total, index
+    """Exact token Gram; see :func:`gesim.probe.tokens.fast_token_gram` (one forward per row,
+    one activation-only backward per token, the LM head in closed form)."""
+    from gesim.probe.tokens import fast_token_gram as tokens_gram
+    return tokens_gram(model, ids, mask, params)
 
 
 def fast_row_gram(model, ids, mask, params="all", precond=None):
