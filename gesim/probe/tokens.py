@@ -30,8 +30,11 @@ p_l>``) instead of a (T, V) x (V, d) weight gradient per token, and is taken in 
 chunks with an online softmax (running max and sum, rescaled accumulators), so memory is
 ``M x chunk`` whatever V. A tied head (``W`` is also the input embedding) adds the cross
 terms ``<E_k, H_l> = sum_x (e_{y_l} - p_l)[x] (S_k[x] . h_l)`` over the ids x of the batch
-(one GEMM) and their transposes. The model's logits are checked against ``W h + b`` by a
-random projection; a head that post-processes its logits (soft-capping, scaling) is refused.
+(one GEMM) and their transposes. The forward of each row stops at the head's input (the
+(T, V) logits are never formed); the model's logits on the first two tokens of the batch are
+checked against ``W h + b``, so a head that post-processes its logits (soft-capping,
+scaling) is refused. ``p @ W`` (``2 M V d``, for the cotangent ``W^T (e_y - p)`` into the
+body) is skipped when only the head is selected.
 
 Modules other than Linear / HF Conv1D / Embedding / LayerNorm / elementwise-parameter norms,
 and parameters used outside their module, are refused with a GesimError (``token_gram``'s
@@ -52,6 +55,10 @@ from gesim.probe.reference import selected_named
 
 CHUNK = 1 << 21  # elements of one (tokens x vocabulary) chunk of logits
 MAT_CAP = 1 << 25  # elements of one materialised (tokens x d_out x d_in) block; larger layers are split over d_out
+
+
+class _Stop(Exception):
+    """Raised by the head's pre-hook: the row's forward ends at the head's input."""
 
 
 class _Shim:
@@ -99,8 +106,8 @@ def _kind(module, roles):
 class _Capture:
     """Hooks for one row: per use, what its products need; the head's input."""
 
-    def __init__(self, plan, head, T, dtype):
-        self.plan, self.head, self.T, self.dtype = plan, head, T, dtype
+    def __init__(self, plan, head, T, dtype, stop=True):
+        self.plan, self.head, self.T, self.dtype, self.stop = plan, head, T, dtype, stop
         self.uses, self.h, self.handles, self.shim = [], None, [], _Shim(T, dtype)
 
     def __enter__(self):
@@ -117,6 +124,8 @@ class _Capture:
         if self.h is not None:
             raise GesimError("the output head is called more than once per forward")
         self.h = args[0] if args else kwargs["input"]
+        if self.stop:
+            raise _Stop
 
     def _hook(self, name, kind, roles):
         def hook(mod, args, kwargs, output):
@@ -177,7 +186,7 @@ def _plan(model, head, chosen):
     return plan, head_roles
 
 
-def _head_pass(H, W, b, y, U):
+def _head_pass(H, W, b, y, U, need_pw=True):
     """Online softmax over vocabulary chunks for the M tokens: ``lse`` (M,), ``pW = p @ W``
     (M, d), ``PP = <p_k, p_l>`` (M, M), ``Py[k, l] = p_k[y_l]`` (M, M), ``pU = p[:, U]`` (M, |U|)."""
     M, V = H.shape[0], W.shape[0]
@@ -195,7 +204,8 @@ def _head_pass(H, W, b, y, U):
         scale = torch.exp(m - m_new)
         e = torch.exp(z - m_new[:, None])
         s = s * scale + e.sum(1)
-        pW = pW * scale[:, None] + e @ Wc
+        if need_pw:
+            pW = pW * scale[:, None] + e @ Wc
         PP = PP * (scale[:, None] * scale[None, :]) + e @ e.T
         m = m_new
     lse = m + torch.log(s)
@@ -228,37 +238,30 @@ def fast_token_gram(model, ids, mask, params="all"):
         p.requires_grad_(True)
     try:
         with torch.enable_grad():
-            caps, H, proj = [], [], []
-            gen = torch.Generator(device=W.device).manual_seed(0)
-            rvec = torch.randn(W.shape[0], generator=gen, dtype=W.dtype, device=W.device)
-            for r in range(N):  # one forward per row
+            _check_head(model, head, ids[:1, :2])
+            caps, H = [], []
+            for r in range(N):  # one forward per row, up to the head's input
                 if not rows[r]:
                     caps.append(None)
                     continue
                 with _Capture(plan, head, T, dtype) as cap:
-                    logits = lm.logits(model, ids[r:r + 1])
+                    try:
+                        lm.logits(model, ids[r:r + 1])
+                    except _Stop:
+                        pass
                 if cap.h is None or cap.h.numel() % T:
                     raise GesimError("the output head was not called on the row's hidden states")
                 cap.h = cap.h.reshape(T, -1)
                 pos = torch.tensor(rows[r], device=ids.device) - 1
-                lg = logits.detach().reshape(T, -1)[pos]
-                proj.append((lg @ rvec.to(lg.dtype), lg.abs() @ rvec.abs().to(lg.dtype)))
                 H.append(cap.h.detach()[pos].to(dtype))
                 caps.append((cap, pos))
-                del logits, lg
             _check_uses(plan, caps)
             y = torch.tensor([int(ids[r, t]) for r, t in index], device=ids.device)
             Hm = torch.cat(H)
             Wd = W.detach().to(dtype)
             bias = head.bias.detach().to(dtype) if head.bias is not None else None
             emb_ids = _embedding_ids(W, caps)
-            lse, pW, PP, Py, pU = _head_pass(Hm, Wd, bias, y, emb_ids)
-            got = Hm @ (rvec.to(dtype) @ Wd) + (float(bias @ rvec.to(dtype)) if bias is not None else 0)
-            want, size = (torch.cat([p[0] for p in proj]).to(dtype), torch.cat([p[1] for p in proj]).to(dtype))
-            tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(W.dtype, 3e-2)
-            if bool(((got - want).abs() > tol * size + 1e-30).any()):
-                raise GesimError("the model's logits are not its output head applied to the head's input "
-                                 "(soft-capping or scaling after the head): no closed form for the head")
+            lse, pW, PP, Py, pU = _head_pass(Hm, Wd, bias, y, emb_ids, need_pw=bool(plan))
             cot = Wd[y] - pW  # d log p_k / d h at position t-1
             K = torch.zeros(len(index), len(index), dtype=dtype, device=Hm.device)
             if "weight" in head_roles or "bias" in head_roles:
@@ -273,6 +276,18 @@ def fast_token_gram(model, ids, mask, params="all"):
             p.requires_grad_(flag)
     _products(K, plan, caps, grads, rows, head_roles.get("weight"), Hm, y, emb_ids, pU, dtype)
     return K, index
+
+
+def _check_head(model, head, ids):
+    """The model's logits on ``ids`` (1, <=2) equal its head applied to the head's input."""
+    with torch.no_grad(), _Capture({}, head, ids.shape[1], torch.float64, stop=False) as cap:
+        logits = lm.logits(model, ids)
+    if cap.h is None:
+        raise GesimError("the output head was not called in the forward pass")
+    want = torch.nn.functional.linear(cap.h, head.weight, head.bias).reshape(logits.shape)
+    if not close(logits.detach(), want):
+        raise GesimError("the model's logits are not its output head applied to the head's input "
+                         "(soft-capping or scaling after the head): no closed form for the head")
 
 
 def _check_uses(plan, caps):
