@@ -31,10 +31,10 @@ chunks with an online softmax (running max and sum, rescaled accumulators), so m
 ``M x chunk`` whatever V. A tied head (``W`` is also the input embedding) adds the cross
 terms ``<E_k, H_l> = sum_x (e_{y_l} - p_l)[x] (S_k[x] . h_l)`` over the ids x of the batch
 (one GEMM) and their transposes. The forward of each row stops at the head's input (the
-(T, V) logits are never formed); the model's logits on the first two tokens of the batch are
-checked against ``W h + b``, so a head that post-processes its logits (soft-capping,
-scaling) is refused. ``p @ W`` (``2 M V d``, for the cotangent ``W^T (e_y - p)`` into the
-body) is skipped when only the head is selected.
+(T, V) logits are never formed; without a selected body parameter it runs without a graph);
+the model's logits on the batch's first token are checked against ``W h + b``, so a head that
+post-processes its logits (soft-capping, scaling) is refused. ``p @ W`` (``2 M V d``, for
+the cotangent ``W^T (e_y - p)`` into the body) is skipped when only the head is selected.
 
 Modules other than Linear / HF Conv1D / Embedding / LayerNorm / elementwise-parameter norms,
 and parameters used outside their module, are refused with a GesimError (``token_gram``'s
@@ -238,13 +238,13 @@ def fast_token_gram(model, ids, mask, params="all"):
         p.requires_grad_(True)
     try:
         with torch.enable_grad():
-            _check_head(model, head, ids[:1, :2])
+            _check_head(model, head, ids[:1, :1])
             caps, H = [], []
             for r in range(N):  # one forward per row, up to the head's input
                 if not rows[r]:
                     caps.append(None)
                     continue
-                with _Capture(plan, head, T, dtype) as cap:
+                with _Capture(plan, head, T, dtype) as cap, torch.set_grad_enabled(bool(plan)):
                     try:
                         lm.logits(model, ids[r:r + 1])
                     except _Stop:
@@ -279,12 +279,13 @@ def fast_token_gram(model, ids, mask, params="all"):
 
 
 def _check_head(model, head, ids):
-    """The model's logits on ``ids`` (1, <=2) equal its head applied to the head's input."""
+    """The model's logits on ``ids`` (one token) equal its head applied to the head's input."""
     with torch.no_grad(), _Capture({}, head, ids.shape[1], torch.float64, stop=False) as cap:
         logits = lm.logits(model, ids)
     if cap.h is None:
         raise GesimError("the output head was not called in the forward pass")
-    want = torch.nn.functional.linear(cap.h, head.weight, head.bias).reshape(logits.shape)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(cap.h, head.weight, head.bias).reshape(logits.shape)
     if not close(logits.detach(), want):
         raise GesimError("the model's logits are not its output head applied to the head's input "
                          "(soft-capping or scaling after the head): no closed form for the head")
