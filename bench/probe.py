@@ -129,7 +129,16 @@ def bench_setting(name, shape, dtype, B, T, device, reps, methods, V):
         row[method] = {"peak_bytes": peak, "errors_vs_fp64": err, "correct": gate(err, dtype)}
         fns[method] = lambda m=method: probe.pair_stats(model, batch, backend=m)
     floor_peak = peak_bytes(fns["plain_fwd_bwd"], device)
-    times = interleaved(fns, device, reps)
+    if device == "cpu":  # CPU time: other jobs on a shared machine count less than in wall time
+        fns["plain_fwd_bwd"]()
+        times = cpu_interleaved(fns, reps)
+        row["timing"] = "CPU seconds (time.process_time), medians of interleaved repetitions, under load"
+        if name == "tiny-d128" and dtype == "float32":
+            row["cpu_peak_rss_above_model_bytes"] = {m: child_peak(name, B, T, V, m) for m in ("plain_fwd_bwd", "fast")}
+            peaks = row["cpu_peak_rss_above_model_bytes"]
+            row["fast"]["peak_ratio_to_plain_step"] = peaks["fast"] / max(peaks["plain_fwd_bwd"], 1)
+    else:
+        times = interleaved(fns, device, reps)
     floor = times["plain_fwd_bwd"]
     row["plain_fwd_bwd_ms"], row["plain_fwd_bwd_peak_bytes"] = 1e3 * floor, floor_peak
     for method in methods:
@@ -150,10 +159,35 @@ def bench_setting(name, shape, dtype, B, T, device, reps, methods, V):
     return row
 
 
+def child_peak(name, B, T, V, method) -> int:
+    """Peak RSS growth (bytes) of a fresh process running ``method`` once on the setting, above its
+    RSS after a warm-up step on a one-pair, 8-token batch (libraries and the model loaded)."""
+    import os
+    import subprocess
+    res = subprocess.run([sys.executable, __file__, "--peak-child", name, str(B), str(T), str(V), method],
+                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return int(res.stdout.split()[-1])
+
+
+def peak_child(name, B, T, V, method):
+    import resource
+    torch.set_num_threads(1)
+    model = toy.build_model("gpt2", vocab_size=V, positions=max(T, 64), **CPU_MODELS[name]).eval()
+    run = (lambda b: plain_step(model, b)) if method == "plain_fwd_bwd" else \
+        (lambda b: probe.pair_stats(model, b, backend=method))
+    run(random_batch(1, 8, V, seed=1))
+    batch = random_batch(B, T, V)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run(batch)
+    print(1024 * (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base))  # ru_maxrss: KiB on Linux
+
+
 TOKEN_NOTE = ("CPU seconds (time.process_time), one thread, machine shared with other jobs (under load); "
               "medians of interleaved repetitions. floor = measured sequential part (one forward to the "
               "head's input + one activation-only backward per token) + counted FLOPs of the per-layer "
-              "products and the head's closed form at this machine's measured GEMM rate (gemm_flop_per_s).")
+              "products and the head's closed form at this machine's measured GEMM rate (gemm_flop_per_s); "
+              "floor_with_head_W_read also charges the head at least one read of W (V x d) at the measured "
+              "read bandwidth (the head's thin GEMMs are memory-bound when few tokens are asked).")
 
 
 def cpu_interleaved(fns: dict, reps) -> dict:
@@ -178,6 +212,17 @@ def gemm_rate(dtype, reps=5) -> float:
         a @ b
         times.append(time.process_time() - t0)
     return 2 * 256 * 1024 * 1024 / statistics.median(times[1:])
+
+
+def read_rate(n, reps=5) -> float:
+    """Bytes/s of one pass reading n float64 values (a sum), median CPU time."""
+    x = torch.randn(n, dtype=torch.float64)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.process_time()
+        x.sum()
+        times.append(time.process_time() - t0)
+    return 8 * n / statistics.median(times[1:])
 
 
 def token_counts(model, T, M, V):
@@ -267,10 +312,14 @@ def bench_token_gram(V, T, reps, d=128, layers=4, heads=4):
         out.update({"fast_cpu_s": t["fast"], "loop_cpu_s": t["loop"], "loop_over_fast": t["loop"] / t["fast"]})
         if part == "all_params":
             counts = token_counts(model, T, K, V)
-            rate = gemm_rate(torch.float64)
+            rate, bandwidth = gemm_rate(torch.float64), read_rate(V * model.config.n_embd)
             floor = t["sequential_part"] + (counts["products"] + counts["head"]) / rate
+            w_read = 8 * V * model.config.n_embd / bandwidth  # the head must read W (V x d, float64) once
+            roof = t["sequential_part"] + counts["products"] / rate + max(counts["head"] / rate, w_read)
             out.update({"counted_flops": counts, "gemm_flop_per_s": rate, "sequential_part_cpu_s":
                         t["sequential_part"], "floor_cpu_s": floor, "fast_over_floor": t["fast"] / floor,
+                        "read_bytes_per_s": bandwidth, "floor_with_head_W_read_cpu_s": roof,
+                        "fast_over_floor_with_W_read": t["fast"] / roof,
                         "loop_over_floor": t["loop"] / floor})
         row[part] = out
         del model
@@ -288,7 +337,12 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one small setting per mode (smoke test)")
     ap.add_argument("--token-reps", type=int, default=3)
     ap.add_argument("--only", choices=("pairs", "tokens"), help="run one part (default both)")
+    ap.add_argument("--peak-child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.peak_child:
+        n, B, T, V, m = args.peak_child
+        peak_child(n, int(B), int(T), int(V), m)
+        return 0
     torch.manual_seed(0)
     device = "cuda" if args.mode == "gpu" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -297,7 +351,8 @@ def main(argv=None):
     methods = ("reference", "func", "fast")
     if device == "cpu":
         settings = [("tiny-d64", "float32", B, T) for B in (1, 4, 8) for T in (32, 64)]
-        settings += [("tiny-d128", "float32", 8, 64), ("tiny-d128", "bfloat16", 8, 64)]
+        settings += [("tiny-d128", "float32", B, T) for B, T in ((8, 64), (16, 64), (8, 128))]
+        settings += [("tiny-d128", "bfloat16", 8, 64)]
         shapes = CPU_MODELS
     else:
         settings = [("gpt2-small", "float32", 8, 256), ("gpt2-small", "bfloat16", 32, 256),

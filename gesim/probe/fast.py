@@ -26,7 +26,17 @@ import torch
 
 from gesim import dynamics, lm
 from gesim.errors import GesimError
-from gesim.probe.layers import ElementwiseRule, EmbeddingRule, LinearRule, RowRule, Use, gather_head, rule_for, tensors
+from gesim.probe.layers import (
+    ElementwiseRule,
+    EmbeddingRule,
+    LinearRule,
+    RowRule,
+    Use,
+    gather_head,
+    rowdot,
+    rule_for,
+    tensors,
+)
 from gesim.probe.reference import precond_vector, selected_named  # noqa: F401 (precond checks)
 
 KEYS = ("ip", "nw2", "nl2")
@@ -38,11 +48,16 @@ class _Products:
 
     def __init__(self, pairs, N, dtype, device):
         self.pairs, self.N = pairs, N
+        B = N // 2  # the pair layout of fast_pair_stats: one stacked Gram per parameter for all three keys
+        self.stacked = pairs is not None and N % 2 == 0 and set(pairs) == set(KEYS) and all(
+            isinstance(x, slice) and (x.start, x.stop) == want for k in KEYS for x, want in
+            zip(pairs[k], {"ip": ((0, B), (B, N)), "nw2": ((0, B), (0, B)), "nl2": ((B, N), (B, N))}[k]))
         if pairs is None:
             self.total = torch.zeros(N, N, dtype=dtype, device=device)
         else:
             self.total = {k: torch.zeros(len(range(N)[ia]), dtype=dtype, device=device) for k, (ia, _) in pairs.items()}
         self.layers = defaultdict(dict)
+        self.record_layers = True  # per-use contributions in self.layers (pair_stats(per_layer=True))
 
     def index_pairs(self):
         if self.pairs is None:  # full Gram: all (i, j), built once (the same objects every call)
@@ -59,20 +74,31 @@ class _Products:
         else:
             for k, v in values.items():
                 self.total[k] += v
-        for k, v in values.items():
-            self.layers[name][k] = self.layers[name].get(k, 0) + v.detach()
+        if self.record_layers:
+            for k, v in values.items():
+                self.layers[name][k] = self.layers[name].get(k, 0) + v.detach()
 
     def dots(self, name, g_u, g_v, P=None):
         """Add <g_u, P g_v> for materialised per-sample gradients (N, ...)."""
         gu, gv = g_u.flatten(1), g_v.flatten(1)
         if P is not None:
             gv = gv * P.reshape(1, -1).to(gv.dtype)
+        if self.stacked:  # <g_i, P g_i> for all 2B rows (nw2, nl2) and <g_w, P g_l>, no (B, P) temporaries
+            B = self.N // 2
+            own = rowdot(gu, gv)
+            self.add(name, {"ip": rowdot(gu[:B], gv[B:]), "nw2": own[:B], "nl2": own[B:]})
+            return
         if self.pairs is None:
             self.add(name, {"K": (gu @ gv.T).reshape(-1)})
         else:
             self.add(name, {k: (gu[ia] * gv[ib]).sum(1) for k, (ia, ib) in self.pairs.items()})
 
     def ghost(self, name, u, v):
+        if self.stacked and u is v:
+            got = u.rule.pair_products(u, self.N // 2)
+            if got is not None:
+                self.add(name, got)
+                return
         self.add(name, {k: u.rule.product(u, ia, v, ib) for k, (ia, ib) in self.index_pairs().items()})
 
 
@@ -366,6 +392,7 @@ def fast_pair_stats(model, batch: lm.PairBatch, params="all", precond=None, per_
     ids, mask = batch.stacked()  # (2B, T): chosen rows then rejected rows
     ia, ib = slice(0, B), slice(B, 2 * B)  # views, no gather copies
     engine = _Engine(model, params, 2 * B, {"ip": (ia, ib), "nw2": (ia, ia), "nl2": (ib, ib)}, precond)
+    engine.products.record_layers = per_layer
     s = engine.run(ids, mask)
     out = {k: v for k, v in engine.products.total.items()}
     out["cos"] = dynamics.cosine(out["ip"], out["nw2"], out["nl2"])

@@ -32,9 +32,11 @@ chunks with an online softmax (running max and sum, rescaled accumulators), so m
 terms ``<E_k, H_l> = sum_x (e_{y_l} - p_l)[x] (S_k[x] . h_l)`` over the ids x of the batch
 (one GEMM) and their transposes. The forward of each row stops at the head's input (the
 (T, V) logits are never formed; without a selected body parameter it runs without a graph);
-the model's logits on the batch's first token are checked against ``W h + b``, so a head that
-post-processes its logits (soft-capping, scaling) is refused. ``p @ W`` (``2 M V d``, for
-the cotangent ``W^T (e_y - p)`` into the body) is skipped when only the head is selected.
+on the first row the head runs on the first position alone, and the model's logits there
+are checked against ``W h + b``, so a head that post-processes its logits (soft-capping,
+scaling) is refused. ``p @ W`` (``2 M V d``, for the cotangent ``W^T (e_y - p)`` into the
+body) is skipped when only the head is selected. W is read in chunks of ``ROWS`` rows, each
+used for the logits and for ``p @ W`` while it is in cache.
 
 Modules other than Linear / HF Conv1D / Embedding / LayerNorm / elementwise-parameter norms,
 and parameters used outside their module, are refused with a GesimError (``token_gram``'s
@@ -54,6 +56,7 @@ from gesim.probe.layers import ElementwiseRule, Use, close, rule_for
 from gesim.probe.reference import selected_named
 
 CHUNK = 1 << 21  # elements of one (tokens x vocabulary) chunk of logits
+ROWS = 2048  # vocabulary rows of W per chunk: the chunk is read from memory once, reused from cache
 MAT_CAP = 1 << 25  # elements of one materialised (tokens x d_out x d_in) block; larger layers are split over d_out
 
 
@@ -124,6 +127,9 @@ class _Capture:
         if self.h is not None:
             raise GesimError("the output head is called more than once per forward")
         self.h = args[0] if args else kwargs["input"]
+        if self.stop == "check":  # let the head and what follows it run on the first position only
+            first = self.h[..., :1, :]
+            return ((first, *args[1:]), kwargs) if args else (args, {**kwargs, "input": first})
         if self.stop:
             raise _Stop
 
@@ -190,7 +196,7 @@ def _head_pass(H, W, b, y, U, need_pw=True):
     """Online softmax over vocabulary chunks for the M tokens: ``lse`` (M,), ``pW = p @ W``
     (M, d), ``PP = <p_k, p_l>`` (M, M), ``Py[k, l] = p_k[y_l]`` (M, M), ``pU = p[:, U]`` (M, |U|)."""
     M, V = H.shape[0], W.shape[0]
-    step = max(1, CHUNK // max(M, 1))
+    step = max(1, min(CHUNK // max(M, 1), ROWS))
     m = torch.full((M,), -torch.inf, dtype=H.dtype, device=H.device)
     s = torch.zeros(M, dtype=H.dtype, device=H.device)
     pW = torch.zeros_like(H)
@@ -238,17 +244,22 @@ def fast_token_gram(model, ids, mask, params="all"):
         p.requires_grad_(True)
     try:
         with torch.enable_grad():
-            _check_head(model, head, ids[:1, :1])
             caps, H = [], []
             for r in range(N):  # one forward per row, up to the head's input
                 if not rows[r]:
                     caps.append(None)
                     continue
-                with _Capture(plan, head, T, dtype) as cap, torch.set_grad_enabled(bool(plan)):
+                check = all(c is None for c in caps)
+                with _Capture(plan, head, T, dtype, stop="check" if check else True) as cap, \
+                        torch.set_grad_enabled(bool(plan)):
                     try:
-                        lm.logits(model, ids[r:r + 1])
+                        logits = lm.logits(model, ids[r:r + 1])
                     except _Stop:
                         pass
+                    except (RuntimeError, ValueError, IndexError) as err:
+                        raise GesimError(f"the model does not run its head on one position ({err})") from err
+                if check:
+                    _check_head(logits, head, cap.h)
                 if cap.h is None or cap.h.numel() % T:
                     raise GesimError("the output head was not called on the row's hidden states")
                 cap.h = cap.h.reshape(T, -1)
@@ -278,15 +289,18 @@ def fast_token_gram(model, ids, mask, params="all"):
     return K, index
 
 
-def _check_head(model, head, ids):
-    """The model's logits on ``ids`` (one token) equal its head applied to the head's input."""
-    with torch.no_grad(), _Capture({}, head, ids.shape[1], torch.float64, stop=False) as cap:
-        logits = lm.logits(model, ids)
-    if cap.h is None:
+def _check_head(logits, head, h):
+    """The model's logits at the first position equal its head applied to the head's input there
+    (on up to 512 vocabulary columns spread over V: soft-capping or scaling would change them all)."""
+    if h is None:
         raise GesimError("the output head was not called in the forward pass")
+    V = head.weight.shape[0]
+    cols = torch.linspace(0, V - 1, min(V, 512), device=head.weight.device).long()
     with torch.no_grad():
-        want = torch.nn.functional.linear(cap.h, head.weight, head.bias).reshape(logits.shape)
-    if not close(logits.detach(), want):
+        got = logits.detach().reshape(-1, V)[:1, cols]
+        b = head.bias[cols] if head.bias is not None else None
+        want = torch.nn.functional.linear(h.detach().reshape(-1, h.shape[-1])[:1], head.weight[cols], b)
+    if got.shape != want.shape or not close(got, want):
         raise GesimError("the model's logits are not its output head applied to the head's input "
                          "(soft-capping or scaling after the head): no closed form for the head")
 
@@ -312,15 +326,14 @@ def _backward(caps, cot, dtype):
         uses = cap.uses
         targets = [u.extra.pop("out") for u in uses]
         h = cap.h
-        grads = [torch.zeros(len(pos), *t.shape[1:] if t.shape[0] == 1 else t.shape, dtype=dtype, device=t.device)
+        grads = [torch.empty(len(pos), *t.shape[1:] if t.shape[0] == 1 else t.shape, dtype=dtype, device=t.device)
                  for t in targets]
         for k, p in enumerate(pos.tolist()):
             seed = torch.zeros_like(h)
             seed[p] = cot[k0 + k].to(h.dtype)
             got = torch.autograd.grad(h, targets, seed, retain_graph=k + 1 < len(pos), allow_unused=True)
             for g, buf in zip(got, grads):
-                if g is not None:
-                    buf[k] = g.reshape(buf.shape[1:])
+                buf[k] = g.reshape(buf.shape[1:]) if g is not None else 0
         for u, g in zip(uses, grads):
             out[id(u)] = g.reshape(len(pos), cap.T, -1) if g.dim() > 2 else g.reshape(len(pos), 1, -1)
         k0 += len(pos)
@@ -377,12 +390,12 @@ def _linear(K, uses, grads, spans, multi, roles, module, dtype):
         return
     step = max(1, MAT_CAP // max(M * d_in, 1))
     for o0 in range(0, d_out, step):  # split over d_out: memory M x step x d_in
-        J = torch.zeros(M, min(step, d_out - o0) * d_in, dtype=dtype, device=K.device)
-        for r, u in uses:
-            b = grads[id(u)][:, :, o0:o0 + step]  # (K_r, T, o)
-            G = b.transpose(1, 2).reshape(-1, T) @ u.a  # (K_r * o, d_in): one GEMM per row
-            J[spans[r]] += G.reshape(b.shape[0], -1)
-        K += J @ J.T
+        per_row = {}
+        for r, u in uses:  # G_k = B_k^T A_r for all tokens of the row: one batched GEMM, no copies
+            G = torch.matmul(grads[id(u)][:, :, o0:o0 + step].transpose(1, 2), u.a)  # (K_r, o, d_in)
+            per_row[r] = per_row[r] + G if r in per_row else G
+        J = torch.cat([per_row[r].reshape(per_row[r].shape[0], -1) for r in sorted(per_row)])
+        K.addmm_(J, J.T)
 
 
 def _embedding(K, uses, grads, spans, tied, Hm, y, U, pU):
