@@ -107,3 +107,22 @@ def test_api_token_gram_uses_the_fast_path_and_refuses_a_post_processed_head():
         assert torch.equal(auto.K, ref.K)
     finally:
         handle.remove()
+
+
+def test_bench_quick_token_part_is_gated_and_counts_its_floor(tmp_path):
+    """Smoke run of bench/probe.py --quick --only tokens: parity gate, loop and floor ratios, FLOP counts."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "probe.py"
+    spec = importlib.util.spec_from_file_location("bench_probe", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "p.json"
+    assert bench.main(["--quick", "--only", "tokens", "--token-reps", "1", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["token_gram"]["rows"][0]
+    for part in ("all_params", "head_block"):
+        assert row[part]["parity_1e-10"] and row[part]["rel_error_vs_loop"] < RTOL
+        assert row[part]["loop_over_fast"] > 0
+    counts = row["all_params"]["counted_flops"]
+    assert counts["products"] > 0 and counts["head"] > 0 and row["all_params"]["fast_over_floor"] > 0
