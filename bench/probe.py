@@ -161,7 +161,8 @@ def bench_setting(name, shape, dtype, B, T, device, reps, methods, V):
 
 def child_peak(name, B, T, V, method) -> int:
     """Peak RSS growth (bytes) of a fresh process running ``method`` once on the setting, above its
-    RSS after a warm-up step on a one-pair, 8-token batch (libraries and the model loaded)."""
+    RSS after a warm-up step on a one-pair, 8-token batch (libraries and the model loaded; the
+    peak is reset through /proc/self/clear_refs first)."""
     import os
     import subprocess
     res = subprocess.run([sys.executable, __file__, "--peak-child", name, str(B), str(T), str(V), method],
@@ -169,17 +170,24 @@ def child_peak(name, B, T, V, method) -> int:
     return int(res.stdout.split()[-1])
 
 
+def _status_kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def peak_child(name, B, T, V, method):
-    import resource
     torch.set_num_threads(1)
     model = toy.build_model("gpt2", vocab_size=V, positions=max(T, 64), **CPU_MODELS[name]).eval()
     run = (lambda b: plain_step(model, b)) if method == "plain_fwd_bwd" else \
         (lambda b: probe.pair_stats(model, b, backend=method))
     run(random_batch(1, 8, V, seed=1))
     batch = random_batch(B, T, V)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS (Linux)
     run(batch)
-    print(1024 * (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base))  # ru_maxrss: KiB on Linux
+    print(1024 * (_status_kib("VmHWM") - base))
 
 
 TOKEN_NOTE = ("CPU seconds (time.process_time), one thread, machine shared with other jobs (under load); "
@@ -377,6 +385,13 @@ def main(argv=None):
     import transformers
     result["transformers"] = transformers.__version__
     out = Path(args.out or Path(__file__).parent / "results" / f"probe_{args.mode}.json")
+    if args.only and out.exists():  # one part rerun: keep the other part of the file
+        import json
+        kept = json.loads(out.read_text())
+        for key in (("settings",) if args.only == "tokens" else ("token_gram",)):
+            if key in kept:
+                result[key] = kept[key]
+        result["runs"] = {**kept.get("runs", {}), args.only: " ".join(sys.argv[1:] if argv is None else argv)}
     write_json(out, result)
     print(f"wrote {out}", file=sys.stderr)
     return 0
