@@ -131,8 +131,9 @@ def bench_setting(name, shape, dtype, B, T, device, reps, methods, V):
     floor_peak = peak_bytes(fns["plain_fwd_bwd"], device)
     if device == "cpu":  # CPU time: other jobs on a shared machine count less than in wall time
         fns["plain_fwd_bwd"]()
-        times = cpu_interleaved(fns, reps)
-        row["timing"] = "CPU seconds (time.process_time), medians of interleaved repetitions, under load"
+        times = cpu_interleaved(fns, reps, rewarm=True)
+        row["timing"] = ("CPU seconds (time.process_time), medians of interleaved repetitions, each after an "
+                         "untimed call of the same method; machine under load")
         if name == "tiny-d128" and dtype == "float32":
             row["cpu_peak_rss_above_model_bytes"] = {m: child_peak(name, B, T, V, m) for m in ("plain_fwd_bwd", "fast")}
             peaks = row["cpu_peak_rss_above_model_bytes"]
@@ -198,13 +199,16 @@ TOKEN_NOTE = ("CPU seconds (time.process_time), one thread, machine shared with 
               "read bandwidth (the head's thin GEMMs are memory-bound when few tokens are asked).")
 
 
-def cpu_interleaved(fns: dict, reps) -> dict:
+def cpu_interleaved(fns: dict, reps, rewarm=False) -> dict:
     """Median CPU seconds (time.process_time: this process's threads only, so other jobs on a shared
     machine count less than in wall time) of each fn, run round robin; no warm-up (callers have
-    already run each fn once for its parity gate)."""
+    already run each fn once for its parity gate). ``rewarm``: each timed call follows an untimed
+    call of the same fn, so no method pays for the caches another one left cold."""
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            if rewarm:
+                fn()
             t0 = time.process_time()
             fn()
             times[name].append(time.process_time() - t0)

@@ -12,6 +12,11 @@ output gradient during that backward and immediately turns it into its share of
 several uses (tied weights), whose uses are kept until the last arrives and then combined
 with all use pairs, cross terms included (docs/theory.md sections 8.2 and 8.4).
 
+For a pair batch (rows 0..B-1 chosen, B..2B-1 rejected) the three products of a use with
+itself come from one stacked pass (``Rule.pair_products``): the self Grams of all 2B rows in
+one bmm per side (nw2 and nl2 together, each symmetric T x T), the chosen x rejected Grams in
+one more, and materialised per-sample gradients dotted row by row without (B, P) temporaries.
+
 Preconditioner: supported (every matrix is then materialised one layer at a time, since
 the ghost identity has no diagonal weighting). Products are accumulated in float32, or
 float64 for float64 models (docs/theory.md section 8.6: never a bf16 Gram).
