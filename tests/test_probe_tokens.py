@@ -126,3 +126,18 @@ def test_bench_quick_token_part_is_gated_and_counts_its_floor(tmp_path):
         assert row[part]["loop_over_fast"] > 0
     counts = row["all_params"]["counted_flops"]
     assert counts["products"] > 0 and counts["head"] > 0 and row["all_params"]["fast_over_floor"] > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lora_subset_and_a_row_without_response_tokens(arch):
+    """params='lora' on a PEFT model (LoRA factors are Linear uses; the frozen head only routes the
+    cotangent), and a middle row whose mask selects nothing (no block, no forward)."""
+    peft = pytest.importorskip("peft")
+    m = toy.build_model(arch, vocab_size=60, d=16, tied=True).double()
+    ids, mask = _rows(60)
+    mask[1] = 0
+    assert _gap(m, ids, mask) < RTOL
+    targets = ["c_attn", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules=targets, lora_dropout=0.0,
+                                                fan_in_fan_out=arch == "gpt2", init_lora_weights=False))
+    assert _gap(pm, ids, mask, "lora") < RTOL
