@@ -129,7 +129,17 @@ def bench_setting(name, shape, dtype, B, T, device, reps, methods, V):
         row[method] = {"peak_bytes": peak, "errors_vs_fp64": err, "correct": gate(err, dtype)}
         fns[method] = lambda m=method: probe.pair_stats(model, batch, backend=m)
     floor_peak = peak_bytes(fns["plain_fwd_bwd"], device)
-    times = interleaved(fns, device, reps)
+    if device == "cpu":  # CPU time: other jobs on a shared machine count less than in wall time
+        fns["plain_fwd_bwd"]()
+        times = cpu_interleaved(fns, reps, rewarm=True)
+        row["timing"] = ("CPU seconds (time.process_time), medians of interleaved repetitions, each after an "
+                         "untimed call of the same method; machine under load")
+        if name == "tiny-d128" and dtype == "float32":
+            row["cpu_peak_rss_above_model_bytes"] = {m: child_peak(name, B, T, V, m) for m in ("plain_fwd_bwd", "fast")}
+            peaks = row["cpu_peak_rss_above_model_bytes"]
+            row["fast"]["peak_ratio_to_plain_step"] = peaks["fast"] / max(peaks["plain_fwd_bwd"], 1)
+    else:
+        times = interleaved(fns, device, reps)
     floor = times["plain_fwd_bwd"]
     row["plain_fwd_bwd_ms"], row["plain_fwd_bwd_peak_bytes"] = 1e3 * floor, floor_peak
     for method in methods:
@@ -150,21 +160,185 @@ def bench_setting(name, shape, dtype, B, T, device, reps, methods, V):
     return row
 
 
-def bench_token_gram(shape, T, K, device, V, reps):
-    model = toy.build_model("gpt2", vocab_size=V, positions=max(T, 64), **shape).to(device).eval()
-    ids = random_batch(1, T, V, device=device).chosen_ids
+def child_peak(name, B, T, V, method) -> int:
+    """Peak RSS growth (bytes) of a fresh process running ``method`` once on the setting, above its
+    RSS after a warm-up step on a one-pair, 8-token batch (libraries and the model loaded; the
+    peak is reset through /proc/self/clear_refs first)."""
+    import os
+    import subprocess
+    res = subprocess.run([sys.executable, __file__, "--peak-child", name, str(B), str(T), str(V), method],
+                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return int(res.stdout.split()[-1])
+
+
+def _status_kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_child(name, B, T, V, method):
+    torch.set_num_threads(1)
+    model = toy.build_model("gpt2", vocab_size=V, positions=max(T, 64), **CPU_MODELS[name]).eval()
+    run = (lambda b: plain_step(model, b)) if method == "plain_fwd_bwd" else \
+        (lambda b: probe.pair_stats(model, b, backend=method))
+    run(random_batch(1, 8, V, seed=1))
+    batch = random_batch(B, T, V)
+    base = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS (Linux)
+    run(batch)
+    print(1024 * (_status_kib("VmHWM") - base))
+
+
+TOKEN_NOTE = ("CPU seconds (time.process_time), one thread, machine shared with other jobs (under load); "
+              "medians of interleaved repetitions. floor = measured sequential part (one forward to the "
+              "head's input + one activation-only backward per token) + counted FLOPs of the per-layer "
+              "products and the head's closed form at this machine's measured GEMM rate (gemm_flop_per_s); "
+              "floor_with_head_W_read also charges the head at least one read of W (V x d) at the measured "
+              "read bandwidth (the head's thin GEMMs are memory-bound when few tokens are asked).")
+
+
+def cpu_interleaved(fns: dict, reps, rewarm=False) -> dict:
+    """Median CPU seconds (time.process_time: this process's threads only, so other jobs on a shared
+    machine count less than in wall time) of each fn, run round robin; no warm-up (callers have
+    already run each fn once for its parity gate). ``rewarm``: each timed call follows an untimed
+    call of the same fn, so no method pays for the caches another one left cold."""
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if rewarm:
+                fn()
+            t0 = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def gemm_rate(dtype, reps=5) -> float:
+    """FLOP/s of one well-shaped GEMM ((256, 1024) x (1024, 1024)) on this machine, median CPU time."""
+    a, b = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.process_time()
+        a @ b
+        times.append(time.process_time() - t0)
+    return 2 * 256 * 1024 * 1024 / statistics.median(times[1:])
+
+
+def read_rate(n, reps=5) -> float:
+    """Bytes/s of one pass reading n float64 values (a sum), median CPU time."""
+    x = torch.randn(n, dtype=torch.float64)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.process_time()
+        x.sum()
+        times.append(time.process_time() - t0)
+    return 8 * n / statistics.median(times[1:])
+
+
+def token_counts(model, T, M, V):
+    """Counted FLOPs of the cheapest exact token Gram for one row of T tokens with M response tokens
+    (gesim.probe.tokens): ``body_pass`` = the linear GEMMs of one forward of the body (2 T d_in d_out
+    per matrix; the activation-only backward of one token costs the same again); ``products`` = per
+    matrix the cheaper of ghost and materialised over all M^2 pairs (tokens.linear_gram_flops),
+    plus 2 M^2 x (size) for vectors and the grouped embeddings (<= T ids); ``head`` = the closed
+    form: 2 M V d (logits at the response positions) + 2 M V d (p @ W, the cotangent into the body)
+    + 2 M^2 (V + d)."""
+    from gesim.probe.tokens import linear_gram_flops
+    body = products = 0
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if w is None or mod is model.get_output_embeddings():
+            continue
+        if type(mod).__name__ == "Conv1D" or isinstance(mod, torch.nn.Linear):
+            d_in, d_out = (w.shape[0], w.shape[1]) if type(mod).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
+            body += 2 * T * d_in * d_out
+            products += min(linear_gram_flops(M, 1, T, d_in, d_out).values()) + 2 * M * M * d_out
+        elif isinstance(mod, torch.nn.Embedding):
+            products += 2 * M * M * min(T, w.shape[0]) * w.shape[1]
+        else:
+            products += 2 * M * M * w.numel() * 2
+    d = model.get_output_embeddings().weight.shape[1]
+    return {"body_pass": body, "products": products, "head": 4 * M * V * d + 2 * M * M * (V + d)}
+
+
+def sequential_part(model, ids, positions):
+    """The part no exact method skips (a token's gradient depends on all earlier positions): one forward
+    of the row up to the head's input and one activation-only backward per response token down to the
+    embedding output (random cotangents; the values do not matter for the time)."""
+    caps, hs = [], []
+    emb = model.get_input_embeddings()
+    h1 = emb.register_forward_hook(lambda m, a, o: caps.append(o))
+
+    def stop(m, a):
+        hs.append(a[0])
+        raise StopIteration
+    h2 = model.get_output_embeddings().register_forward_pre_hook(stop)
+    try:
+        with torch.enable_grad():
+            try:
+                lm.logits(model, ids)
+            except StopIteration:
+                pass
+            h = hs[0]
+            for k, p in enumerate(positions):
+                seed = torch.zeros_like(h)
+                seed[0, p] = 1.0
+                torch.autograd.grad(h, caps, seed, retain_graph=k + 1 < len(positions))
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+def bench_token_gram(V, T, reps, d=128, layers=4, heads=4):
+    """All-parameter token Gram (tied GPT-2 shape) vs the per-token loop vs the counted floor, and the
+    head block alone (untied head, its weight only) vs the loop on the same parameter; float64,
+    one row, the last T/4 tokens as the response; each timing gated on parity (1e-10)."""
+    from gesim.probe.reference import reference_token_gram
+    from gesim.probe.tokens import fast_token_gram
+    K = T // 4
+    ids = torch.randint(3, V, (1, T), generator=torch.Generator().manual_seed(V + T))
     mask = torch.zeros_like(ids)
     mask[0, T - K:] = 1
-    fast = probe.token_gram(model, ids, mask)
-    ref = probe.token_gram(model, ids, mask, backend="reference")
-    err = float((fast.K - ref.K).abs().max() / ref.K.abs().max())
-    p_fast = peak_bytes(lambda: probe.token_gram(model, ids, mask), device)
-    p_ref = peak_bytes(lambda: probe.token_gram(model, ids, mask, backend="reference"), device)
-    times = interleaved({"fast": lambda: probe.token_gram(model, ids, mask),
-                         "loop": lambda: probe.token_gram(model, ids, mask, backend="reference")}, device, reps)
-    t_fast, t_ref = times["fast"], times["loop"]
-    return {"T": T, "tokens": K, "fast_s": t_fast, "per_token_backward_s": t_ref, "speedup": t_ref / t_fast,
-            "rel_error_vs_loop": err, "fast_peak_bytes": p_fast, "loop_peak_bytes": p_ref}
+    row = {"V": V, "T": T, "tokens": K, "model": f"gpt2 d{d} L{layers}", "dtype": "float64"}
+    for part, tied, params in (("all_params", True, "all"), ("head_block", False, None)):
+        model = toy.build_model("gpt2", vocab_size=V, positions=max(T, 64), d=d, layers=layers, heads=heads,
+                                tied=tied).double().eval()
+        if params is None:
+            head = model.get_output_embeddings().weight
+            params = lambda n, p, head=head: p is head  # noqa: E731
+        fast = lambda m=model, p=params: fast_token_gram(m, ids, mask, p)  # noqa: E731
+        loop = lambda m=model, p=params: reference_token_gram(m, ids, mask, p)  # noqa: E731
+        got, want = fast()[0], loop()[0]
+        err = float((got - want).abs().max() / want.abs().max())
+        out = {"rel_error_vs_loop": err, "parity_1e-10": err < 1e-10}
+        if not out["parity_1e-10"]:
+            row[part] = out
+            continue
+        fns = {"fast": fast, "loop": loop}
+        if part == "all_params":
+            pos = list(range(T - K - 1, T - 1))
+            fns["sequential_part"] = lambda m=model, pos=pos: sequential_part(m, ids, pos)
+        t = cpu_interleaved(fns, reps)
+        out.update({"fast_cpu_s": t["fast"], "loop_cpu_s": t["loop"], "loop_over_fast": t["loop"] / t["fast"]})
+        if part == "all_params":
+            counts = token_counts(model, T, K, V)
+            rate, bandwidth = gemm_rate(torch.float64), read_rate(V * model.config.n_embd)
+            floor = t["sequential_part"] + (counts["products"] + counts["head"]) / rate
+            w_read = 8 * V * model.config.n_embd / bandwidth  # the head must read W (V x d, float64) once
+            roof = t["sequential_part"] + counts["products"] / rate + max(counts["head"] / rate, w_read)
+            out.update({"counted_flops": counts, "gemm_flop_per_s": rate, "sequential_part_cpu_s":
+                        t["sequential_part"], "floor_cpu_s": floor, "fast_over_floor": t["fast"] / floor,
+                        "read_bytes_per_s": bandwidth, "floor_with_head_W_read_cpu_s": roof,
+                        "fast_over_floor_with_W_read": t["fast"] / roof,
+                        "loop_over_floor": t["loop"] / floor})
+        row[part] = out
+        del model
+    print("token gram", {k: (v if not isinstance(v, dict) else {kk: round(vv, 3) for kk, vv in v.items()
+                                                                 if kk in ("loop_over_fast", "fast_over_floor")})
+                         for k, v in row.items()}, file=sys.stderr)
+    return row
 
 
 def main(argv=None):
@@ -173,7 +347,14 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", help="JSON path (default bench/results/probe_<mode>.json)")
     ap.add_argument("--quick", action="store_true", help="one small setting per mode (smoke test)")
+    ap.add_argument("--token-reps", type=int, default=3)
+    ap.add_argument("--only", choices=("pairs", "tokens"), help="run one part (default both)")
+    ap.add_argument("--peak-child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.peak_child:
+        n, B, T, V, m = args.peak_child
+        peak_child(n, int(B), int(T), int(V), m)
+        return 0
     torch.manual_seed(0)
     device = "cuda" if args.mode == "gpu" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -182,25 +363,39 @@ def main(argv=None):
     methods = ("reference", "func", "fast")
     if device == "cpu":
         settings = [("tiny-d64", "float32", B, T) for B in (1, 4, 8) for T in (32, 64)]
-        settings += [("tiny-d128", "float32", 8, 64), ("tiny-d128", "bfloat16", 8, 64)]
-        shapes, gram = CPU_MODELS, (CPU_MODELS["tiny-d128"], 48, 32)
+        settings += [("tiny-d128", "float32", B, T) for B, T in ((8, 64), (16, 64), (8, 128))]
+        settings += [("tiny-d128", "bfloat16", 8, 64)]
+        shapes = CPU_MODELS
     else:
         settings = [("gpt2-small", "float32", 8, 256), ("gpt2-small", "bfloat16", 32, 256),
                     ("gpt2-small", "float32", 32, 256), ("gpt2-small", "float32", 8, 128),
                     ("gpt2-small", "float32", 8, 512), ("gpt2-medium", "float32", 8, 256),
                     ("gpt2-medium", "bfloat16", 8, 256), ("gpt2-large", "float32", 8, 256)]
-        shapes, gram = GPU_MODELS, (GPU_MODELS["gpt2-small"], 96, 64)
+        shapes = GPU_MODELS
     if args.quick:
         settings = settings[:1]
+    if args.only == "tokens":
+        settings = []
     rows = [bench_setting(n, shapes[n], dt, B, T, device, args.reps, methods, V) for n, dt, B, T in settings]
     result = {"mode": args.mode, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
               or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "note": "random-init GPT-2-shaped models built from configs; CPU shared with other jobs" if
               device == "cpu" else "random-init GPT-2-shaped models built from configs",
-              "settings": rows, "token_gram": bench_token_gram(*gram, device, V, args.reps)}
+              "settings": rows}
+    grams = [(512, 32)] if args.quick else [(v, t) for v in (512, 8192, 50257) for t in (32, 128)]
+    if device == "cpu" and args.only != "pairs":
+        result["token_gram"] = {"note": TOKEN_NOTE, "rows": [bench_token_gram(v, t, args.token_reps)
+                                                            for v, t in grams]}
     import transformers
     result["transformers"] = transformers.__version__
     out = Path(args.out or Path(__file__).parent / "results" / f"probe_{args.mode}.json")
+    if args.only and out.exists():  # one part rerun: keep the other part of the file
+        import json
+        kept = json.loads(out.read_text())
+        for key in (("settings",) if args.only == "tokens" else ("token_gram",)):
+            if key in kept:
+                result[key] = kept[key]
+        result["runs"] = {**kept.get("runs", {}), args.only: " ".join(sys.argv[1:] if argv is None else argv)}
     write_json(out, result)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -97,8 +97,14 @@ def token_gram(model, ids: torch.Tensor, mask: torch.Tensor, params="all", backe
             from gesim.probe.reference import reference_token_gram
             K, index = reference_token_gram(model, ids, mask, params)
         else:
-            from gesim.probe.fast import fast_token_gram
-            K, index = fast_token_gram(model, ids, mask, params)
+            from gesim.probe.tokens import fast_token_gram
+            try:
+                K, index = fast_token_gram(model, ids, mask, params)
+            except GesimError:
+                if backend == "fast":
+                    raise
+                from gesim.probe.reference import reference_token_gram  # exact, one backward per token
+                K, index = reference_token_gram(model, ids, mask, params)
     finally:
         model.train(was_training)
     return TokenGram(K.detach(), index)

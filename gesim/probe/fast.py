@@ -12,6 +12,11 @@ output gradient during that backward and immediately turns it into its share of
 several uses (tied weights), whose uses are kept until the last arrives and then combined
 with all use pairs, cross terms included (docs/theory.md sections 8.2 and 8.4).
 
+For a pair batch (rows 0..B-1 chosen, B..2B-1 rejected) the three products of a use with
+itself come from one stacked pass (``Rule.pair_products``): the self Grams of all 2B rows in
+one bmm per side (nw2 and nl2 together, each symmetric T x T), the chosen x rejected Grams in
+one more, and materialised per-sample gradients dotted row by row without (B, P) temporaries.
+
 Preconditioner: supported (every matrix is then materialised one layer at a time, since
 the ghost identity has no diagonal weighting). Products are accumulated in float32, or
 float64 for float64 models (docs/theory.md section 8.6: never a bf16 Gram).
@@ -26,7 +31,17 @@ import torch
 
 from gesim import dynamics, lm
 from gesim.errors import GesimError
-from gesim.probe.layers import ElementwiseRule, EmbeddingRule, LinearRule, RowRule, Use, gather_head, rule_for, tensors
+from gesim.probe.layers import (
+    ElementwiseRule,
+    EmbeddingRule,
+    LinearRule,
+    RowRule,
+    Use,
+    gather_head,
+    rowdot,
+    rule_for,
+    tensors,
+)
 from gesim.probe.reference import precond_vector, selected_named  # noqa: F401 (precond checks)
 
 KEYS = ("ip", "nw2", "nl2")
@@ -38,11 +53,16 @@ class _Products:
 
     def __init__(self, pairs, N, dtype, device):
         self.pairs, self.N = pairs, N
+        B = N // 2  # the pair layout of fast_pair_stats: one stacked Gram per parameter for all three keys
+        self.stacked = pairs is not None and N % 2 == 0 and set(pairs) == set(KEYS) and all(
+            isinstance(x, slice) and (x.start, x.stop) == want for k in KEYS for x, want in
+            zip(pairs[k], {"ip": ((0, B), (B, N)), "nw2": ((0, B), (0, B)), "nl2": ((B, N), (B, N))}[k]))
         if pairs is None:
             self.total = torch.zeros(N, N, dtype=dtype, device=device)
         else:
             self.total = {k: torch.zeros(len(range(N)[ia]), dtype=dtype, device=device) for k, (ia, _) in pairs.items()}
         self.layers = defaultdict(dict)
+        self.record_layers = True  # per-use contributions in self.layers (pair_stats(per_layer=True))
 
     def index_pairs(self):
         if self.pairs is None:  # full Gram: all (i, j), built once (the same objects every call)
@@ -59,20 +79,31 @@ class _Products:
         else:
             for k, v in values.items():
                 self.total[k] += v
-        for k, v in values.items():
-            self.layers[name][k] = self.layers[name].get(k, 0) + v.detach()
+        if self.record_layers:
+            for k, v in values.items():
+                self.layers[name][k] = self.layers[name].get(k, 0) + v.detach()
 
     def dots(self, name, g_u, g_v, P=None):
         """Add <g_u, P g_v> for materialised per-sample gradients (N, ...)."""
         gu, gv = g_u.flatten(1), g_v.flatten(1)
         if P is not None:
             gv = gv * P.reshape(1, -1).to(gv.dtype)
+        if self.stacked:  # <g_i, P g_i> for all 2B rows (nw2, nl2) and <g_w, P g_l>, no (B, P) temporaries
+            B = self.N // 2
+            own = rowdot(gu, gv)
+            self.add(name, {"ip": rowdot(gu[:B], gv[B:]), "nw2": own[:B], "nl2": own[B:]})
+            return
         if self.pairs is None:
             self.add(name, {"K": (gu @ gv.T).reshape(-1)})
         else:
             self.add(name, {k: (gu[ia] * gv[ib]).sum(1) for k, (ia, ib) in self.pairs.items()})
 
     def ghost(self, name, u, v):
+        if self.stacked and u is v:
+            got = u.rule.pair_products(u, self.N // 2)
+            if got is not None:
+                self.add(name, got)
+                return
         self.add(name, {k: u.rule.product(u, ia, v, ib) for k, (ia, ib) in self.index_pairs().items()})
 
 
@@ -366,6 +397,7 @@ def fast_pair_stats(model, batch: lm.PairBatch, params="all", precond=None, per_
     ids, mask = batch.stacked()  # (2B, T): chosen rows then rejected rows
     ia, ib = slice(0, B), slice(B, 2 * B)  # views, no gather copies
     engine = _Engine(model, params, 2 * B, {"ip": (ia, ib), "nw2": (ia, ia), "nl2": (ib, ib)}, precond)
+    engine.products.record_layers = per_layer
     s = engine.run(ids, mask)
     out = {k: v for k, v in engine.products.total.items()}
     out["cos"] = dynamics.cosine(out["ip"], out["nw2"], out["nl2"])
@@ -376,22 +408,10 @@ def fast_pair_stats(model, batch: lm.PairBatch, params="all", precond=None, per_
 
 
 def fast_token_gram(model, ids, mask, params="all"):
-    """Exact token Gram: every masked token (row, t) becomes its own copy of row with a
-    one-hot loss mask at t, and the per-sample machinery gives the full (M, M) Gram of the
-    copies (one forward over the M copies, one backward)."""
-    mask = mask.clone()
-    mask[:, 0] = 0
-    index = [(int(r), int(t)) for r, t in mask.nonzero().tolist()]
-    if not index:
-        raise GesimError("token_gram: the mask selects no response token")
-    rows = torch.tensor([r for r, _ in index], device=ids.device)
-    cols = torch.tensor([t for _, t in index], device=ids.device)
-    rep_ids = ids[rows]  # (M, T)
-    rep_mask = torch.zeros_like(rep_ids)
-    rep_mask[torch.arange(len(index)), cols] = 1
-    engine = _Engine(model, params, len(index), None)
-    engine.run(rep_ids, rep_mask)
-    return engine.products.total, index
+    """Exact token Gram; see :func:`gesim.probe.tokens.fast_token_gram` (one forward per row,
+    one activation-only backward per token, the LM head in closed form)."""
+    from gesim.probe.tokens import fast_token_gram as tokens_gram
+    return tokens_gram(model, ids, mask, params)
 
 
 def fast_row_gram(model, ids, mask, params="all", precond=None):

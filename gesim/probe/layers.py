@@ -114,6 +114,21 @@ class Rule:
     def out_dim(self, use: Use) -> int:
         return use.roles["weight"].shape[-1]
 
+    def pair_products(self, use: Use, B: int) -> dict | None:
+        """``{"ip", "nw2", "nl2"}`` (each (B,)) of this use with itself over the stacked batch
+        (rows 0..B-1 chosen, B..2B-1 rejected) in one pass, or None when the rule has no such
+        form (callers then take the three products one by one)."""
+        return None
+
+
+def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``sum_j x[i, ...] y[i, ...]`` per row i: a batched GEMM for long rows (no temporary of x's size),
+    an elementwise product and sum for short ones (where the batched GEMM's per-row cost dominates)."""
+    n = x.shape[0]
+    if x[0].numel() >= 8192:
+        return torch.bmm(x.reshape(n, 1, -1), y.reshape(n, -1, 1)).reshape(n)
+    return (x.reshape(n, -1) * y.reshape(n, -1)).sum(1)
+
 
 def _gram(x, ia, y, ib):
     return torch.bmm(x[ia], y[ib].transpose(1, 2))  # (K, T, T)
@@ -143,6 +158,12 @@ class LinearRule(Rule):
         T, d_in, d_out = use.a.shape[1], use.a.shape[2], use.b.shape[2]
         return 3 * T * (d_in + d_out) < 2 * d_in * d_out
 
+    def pair_products(self, use, B):
+        A, G = use.a, use.b
+        own = rowdot(torch.bmm(A, A.transpose(1, 2)), torch.bmm(G, G.transpose(1, 2)))  # (2B,): symmetric
+        ip = rowdot(torch.bmm(A[:B], A[B:].transpose(1, 2)), torch.bmm(G[:B], G[B:].transpose(1, 2)))
+        return {"ip": ip, "nw2": own[:B], "nl2": own[B:]}
+
     def product(self, u, ia, v, ib):
         if isinstance(v.rule, EmbeddingRule):
             return v.rule.product(v, ib, u, ia)
@@ -169,7 +190,8 @@ class EmbeddingRule(Rule):
         scale = float(scale) if not isinstance(scale, torch.Tensor) else float(scale.detach().float())
         want = torch.nn.functional.embedding(ids, module.weight.detach())
         out = output.detach().reshape(want.shape) if output.numel() == want.numel() else None
-        if out is None or not torch.allclose(out, (want * scale).to(out.dtype), rtol=1e-3, atol=0):
+        if out is None or not (scale == 1.0 and torch.equal(out, want.to(out.dtype))) and \
+                not torch.allclose(out, (want * scale).to(out.dtype), rtol=1e-3, atol=0):
             raise GesimError(f"embedding {use.name} ({type(module).__name__}) returns something other than "
                              "W[ids] * embed_scale: the probe has no exact rule for it")
         if ids.numel() == engine.N * engine.T:
@@ -192,6 +214,12 @@ class EmbeddingRule(Rule):
         G = torch.zeros(N * V, d, dtype=b.dtype, device=b.device)
         G.index_add_(0, (a + torch.arange(N, device=a.device)[:, None] * V).reshape(-1), b.reshape(-1, d))
         return G.view(N, V, d)
+
+    def pair_products(self, use, B):
+        x, c = use.a, use.b
+        own = rowdot((x[:, :, None] == x[:, None, :]).to(c.dtype), torch.bmm(c, c.transpose(1, 2)))
+        ip = rowdot((x[:B, :, None] == x[B:, None, :]).to(c.dtype), torch.bmm(c[:B], c[B:].transpose(1, 2)))
+        return {"ip": ip, "nw2": own[:B], "nl2": own[B:]}
 
     def product(self, u, ia, v, ib):
         if isinstance(v.rule, EmbeddingRule):

@@ -1,0 +1,417 @@
+"""The exact token Gram, fast: one forward per row, one activation-only backward per token,
+one GEMM per layer, and the LM head in closed form.
+
+For the response tokens k = (row r, position t) of right-padded rows, with ``log p_k =
+log pi(y_k | x_<t)``, ``K[k, l] = <grad log p_k, grad log p_l>`` over the selected parameters
+(docs/theory.md section 8.5). Per row: one forward; the head's input ``h`` (T, d) and, for
+each hooked module, its input ``A`` (T, d_in) and output. The gradient of ``log p_k`` with
+respect to ``h`` is ``W^T (e_{y_k} - p_k)`` at position t-1 only (``W`` the head, (V, d));
+one backward per token from there to the hooked outputs (activations only: no weight
+gradients, no pass through the head) gives ``B_k`` (T, d_out). Per layer the per-token weight
+gradient is ``G_k = B_k^T A_r``, and the layer's (M, M) block is taken by the cheaper of two
+exact forms, counting the FLOPs of all M^2 pairs of a full Gram:
+
+* materialised: ``J = [vec G_k]`` (M, d_in d_out) by one GEMM per row, then ``J J^T``:
+  ``2 M T d_in d_out + 2 M^2 d_in d_out``;
+* ghost: ``<G_k, G_l> = <B_k, (A_r A_r'^T) B_l>_F``: ``2 N^2 T^2 d_in + 2 N M T^2 d_out +
+  2 M^2 T d_out``; cheaper when T < d_in (short rows, wide layers).
+
+Embeddings: ``G_k = sum_t e_{x_t} c_kt^T`` grouped over the U distinct ids of the batch,
+``S_k`` (U, d), then ``S S^T``. Vector parameters (biases, norm weights): per-token vectors.
+
+**LM head, closed form.** Only position t-1's logits ``z = W h + b`` depend on the head for
+token k, so ``grad_W log p_k = (e_{y_k} - p_k) h_k^T`` and, with ``<u v^T, u' v'^T> = (u.u')
+(v.v')``,
+
+    <H_k, H_l> = (h_k . h_l) (1[y_k = y_l] - p_k[y_l] - p_l[y_k] + <p_k, p_l>)
+
+(the bias: the second factor alone). It costs ``2 M V d`` (logits) + ``2 M^2 V`` (``<p_k,
+p_l>``) instead of a (T, V) x (V, d) weight gradient per token, and is taken in vocabulary
+chunks with an online softmax (running max and sum, rescaled accumulators), so memory is
+``M x chunk`` whatever V. A tied head (``W`` is also the input embedding) adds the cross
+terms ``<E_k, H_l> = sum_x (e_{y_l} - p_l)[x] (S_k[x] . h_l)`` over the ids x of the batch
+(one GEMM) and their transposes. The forward of each row stops at the head's input (the
+(T, V) logits are never formed; without a selected body parameter it runs without a graph);
+on the first row the head runs on the first position alone, and the model's logits there
+are checked against ``W h + b``, so a head that post-processes its logits (soft-capping,
+scaling) is refused. ``p @ W`` (``2 M V d``, for the cotangent ``W^T (e_y - p)`` into the
+body) is skipped when only the head is selected. W is read in chunks of ``ROWS`` rows, each
+used for the logits and for ``p @ W`` while it is in cache.
+
+Modules other than Linear / HF Conv1D / Embedding / LayerNorm / elementwise-parameter norms,
+and parameters used outside their module, are refused with a GesimError (``token_gram``'s
+``"auto"`` backend then uses the per-token loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+
+from gesim import lm
+from gesim.errors import GesimError
+from gesim.probe.layers import ElementwiseRule, Use, close, rule_for
+from gesim.probe.reference import selected_named
+
+CHUNK = 1 << 21  # elements of one (tokens x vocabulary) chunk of logits
+ROWS = 2048  # vocabulary rows of W per chunk: the chunk is read from memory once, reused from cache
+MAT_CAP = 1 << 25  # elements of one materialised (tokens x d_out x d_in) block; larger layers are split over d_out
+
+
+class _Stop(Exception):
+    """Raised by the head's pre-hook: the row's forward ends at the head's input."""
+
+
+class _Shim:
+    """What :class:`ElementwiseRule` needs from an engine, for one row."""
+
+    def __init__(self, T, dtype):
+        self.N, self.T, self.dtype, self._replay = 1, T, dtype, False
+
+    @contextlib.contextmanager
+    def replaying(self):
+        old, self._replay = self._replay, True
+        try:
+            yield
+        finally:
+            self._replay = old
+
+    def detached(self, x):
+        if isinstance(x, torch.Tensor):
+            return x.detach()
+        if isinstance(x, (tuple, list)) and not hasattr(x, "_fields"):
+            return type(x)(self.detached(v) for v in x)
+        if isinstance(x, dict):
+            return {k: self.detached(v) for k, v in x.items()}
+        return x
+
+
+def linear_gram_flops(M, N, T, d_in, d_out) -> dict:
+    """FLOPs of the two exact forms of one linear layer's full (M, M) token Gram (module docstring)."""
+    return {"materialise": 2 * M * T * d_in * d_out + 2 * M * M * d_in * d_out,
+            "ghost": 2 * N * N * T * T * d_in + 2 * N * M * T * T * d_out + 2 * M * M * T * d_out}
+
+
+def _kind(module, roles):
+    if set(roles) <= {"weight", "bias"}:
+        rule = rule_for(module)
+        if type(rule).__name__ == "LinearRule":
+            return "linear"
+        if type(rule).__name__ == "EmbeddingRule" and set(roles) == {"weight"}:
+            return "embedding"
+        if type(rule).__name__ == "LayerNormRule":
+            return "layernorm"
+    return "vector"
+
+
+class _Capture:
+    """Hooks for one row: per use, what its products need; the head's input."""
+
+    def __init__(self, plan, head, T, dtype, stop=True):
+        self.plan, self.head, self.T, self.dtype, self.stop = plan, head, T, dtype, stop
+        self.uses, self.h, self.handles, self.shim = [], None, [], _Shim(T, dtype)
+
+    def __enter__(self):
+        for module, (name, kind, roles) in self.plan.items():
+            self.handles.append(module.register_forward_hook(self._hook(name, kind, roles), with_kwargs=True))
+        self.handles.append(self.head.register_forward_pre_hook(self._head_hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _head_hook(self, mod, args, kwargs):
+        if self.h is not None:
+            raise GesimError("the output head is called more than once per forward")
+        self.h = args[0] if args else kwargs["input"]
+        if self.stop == "check":  # let the head and what follows it run on the first position only
+            first = self.h[..., :1, :]
+            return ((first, *args[1:]), kwargs) if args else (args, {**kwargs, "input": first})
+        if self.stop:
+            raise _Stop
+
+    def _hook(self, name, kind, roles):
+        def hook(mod, args, kwargs, output):
+            if self.shim._replay:
+                return None
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                raise GesimError(f"module {name} ({type(mod).__name__}): its output is not a tensor on the "
+                                 "gradient path; no per-token rule")
+            use = Use(name, None, mod, roles)
+            x = args[0] if args else kwargs.get("input")
+            if kind == "linear":
+                use.a = x.detach().reshape(self.T, -1).to(self.dtype)
+            elif kind == "embedding":
+                ids = x.reshape(-1)
+                scale = getattr(mod, "embed_scale", 1.0)
+                scale = float(scale.detach().float()) if isinstance(scale, torch.Tensor) else float(scale)
+                want = torch.nn.functional.embedding(ids, mod.weight.detach()) * scale
+                if ids.numel() != self.T or not close(output.detach().reshape(want.shape), want):
+                    raise GesimError(f"embedding {name} ({type(mod).__name__}) does not return W[ids] * "
+                                     "embed_scale for one id per position")
+                pad = getattr(mod, "padding_idx", None)
+                use.a, use.extra["scale"] = ids, scale
+                use.extra["keep"] = None if pad is None else (ids != pad)
+            elif kind == "layernorm":
+                xhat = torch.nn.functional.layer_norm(x.detach(), mod.normalized_shape, None, None, mod.eps)
+                use.a = {"weight": xhat.reshape(self.T, -1).to(self.dtype)}
+                if "bias" in roles:
+                    use.a["bias"] = torch.ones_like(use.a["weight"])
+            else:
+                if not ElementwiseRule().capture(use, self.shim, args, kwargs, output.detach()):
+                    raise GesimError(f"module {name} ({type(mod).__name__}): no per-token rule (not linear, "
+                                     "embedding or elementwise); the per-token loop handles it")
+                use.a = {r: j.reshape(-1, *roles[r].shape).to(self.dtype) for r, j in use.a.items()}
+            use.extra["out"] = output
+            self.uses.append(use)
+            return output.clone()  # the model may update its copy in place; the gradient is taken at this one
+        return hook
+
+
+def _plan(model, head, chosen):
+    """{module: (name, kind, roles)} for the modules owning selected parameters (the head excluded);
+    the head's selected roles; refuses parameters owned by nothing that is called."""
+    selected = {id(p) for _, p in chosen}
+    plan, head_roles = {}, {}
+    for name, module in model.named_modules():
+        roles = {r: p for r, p in module.named_parameters(recurse=False) if id(p) in selected}
+        if module is head:
+            head_roles = roles
+            if set(roles) - {"weight", "bias"} or not isinstance(head, torch.nn.Linear):
+                raise GesimError(f"output head {type(head).__name__} is not a plain linear map")
+            continue
+        if roles:
+            kind = _kind(module, roles)
+            if any(p is head.weight for p in roles.values()) and kind != "embedding":
+                raise GesimError(f"the head's weight is also used by {name} ({type(module).__name__}), not an "
+                                 "embedding: no closed form for that tie")
+            plan[module] = (name or type(module).__name__, kind, roles)
+    return plan, head_roles
+
+
+def _head_pass(H, W, b, y, U, need_pw=True):
+    """Online softmax over vocabulary chunks for the M tokens: ``lse`` (M,), ``pW = p @ W``
+    (M, d), ``PP = <p_k, p_l>`` (M, M), ``Py[k, l] = p_k[y_l]`` (M, M), ``pU = p[:, U]`` (M, |U|)."""
+    M, V = H.shape[0], W.shape[0]
+    step = max(1, min(CHUNK // max(M, 1), ROWS))
+    m = torch.full((M,), -torch.inf, dtype=H.dtype, device=H.device)
+    s = torch.zeros(M, dtype=H.dtype, device=H.device)
+    pW = torch.zeros_like(H)
+    PP = torch.zeros(M, M, dtype=H.dtype, device=H.device)
+    for v0 in range(0, V, step):
+        Wc = W[v0:v0 + step]
+        z = H @ Wc.T
+        if b is not None:
+            z += b[v0:v0 + step]
+        m_new = torch.maximum(m, z.max(1).values)
+        scale = torch.exp(m - m_new)
+        e = torch.exp(z - m_new[:, None])
+        s = s * scale + e.sum(1)
+        if need_pw:
+            pW = pW * scale[:, None] + e @ Wc
+        PP = PP * (scale[:, None] * scale[None, :]) + e @ e.T
+        m = m_new
+    lse = m + torch.log(s)
+    pW, PP = pW / s[:, None], PP / (s[:, None] * s[None, :])
+
+    def probs(cols):  # p_k[cols] exactly from the logits at those columns
+        z = H @ W[cols].T + (b[cols] if b is not None else 0)
+        return torch.exp(z - lse[:, None])
+    return lse, pW, PP, probs(y), (probs(U) if U is not None else None)
+
+
+def fast_token_gram(model, ids, mask, params="all"):
+    """See :func:`gesim.probe.token_gram`; returns (K (M, M), index [(row, t)])."""
+    from gesim.probe.api import output_head
+
+    mask = mask.clone()
+    mask[:, 0] = 0
+    index = [(int(r), int(t)) for r, t in mask.nonzero().tolist()]
+    if not index:
+        raise GesimError("token_gram: the mask selects no response token")
+    chosen = selected_named(model, params)
+    dtype = torch.float64 if chosen[0][1].dtype == torch.float64 else torch.float32
+    head = output_head(model)
+    plan, head_roles = _plan(model, head, chosen)
+    W = head.weight
+    N, T = ids.shape
+    rows = [[t for r, t in index if r == i] for i in range(N)]
+    saved = {p: p.requires_grad for _, p in chosen}
+    for _, p in chosen:
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            caps, H = [], []
+            for r in range(N):  # one forward per row, up to the head's input
+                if not rows[r]:
+                    caps.append(None)
+                    continue
+                check = all(c is None for c in caps)
+                with _Capture(plan, head, T, dtype, stop="check" if check else True) as cap, \
+                        torch.set_grad_enabled(bool(plan)):
+                    try:
+                        logits = lm.logits(model, ids[r:r + 1])
+                    except _Stop:
+                        pass
+                    except (RuntimeError, ValueError, IndexError) as err:
+                        raise GesimError(f"the model does not run its head on one position ({err})") from err
+                if check:
+                    _check_head(logits, head, cap.h)
+                if cap.h is None or cap.h.numel() % T:
+                    raise GesimError("the output head was not called on the row's hidden states")
+                cap.h = cap.h.reshape(T, -1)
+                pos = torch.tensor(rows[r], device=ids.device) - 1
+                H.append(cap.h.detach()[pos].to(dtype))
+                caps.append((cap, pos))
+            _check_uses(plan, caps)
+            y = torch.tensor([int(ids[r, t]) for r, t in index], device=ids.device)
+            Hm = torch.cat(H)
+            Wd = W.detach().to(dtype)
+            bias = head.bias.detach().to(dtype) if head.bias is not None else None
+            emb_ids = _embedding_ids(W, caps)
+            lse, pW, PP, Py, pU = _head_pass(Hm, Wd, bias, y, emb_ids, need_pw=bool(plan))
+            cot = Wd[y] - pW  # d log p_k / d h at position t-1
+            K = torch.zeros(len(index), len(index), dtype=dtype, device=Hm.device)
+            if "weight" in head_roles or "bias" in head_roles:
+                D = (y[:, None] == y[None, :]).to(dtype) - Py - Py.T + PP
+                if "weight" in head_roles:
+                    K += (Hm @ Hm.T) * D
+                if "bias" in head_roles:
+                    K += D
+            grads = _backward(caps, cot, dtype) if plan else {}
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    _products(K, plan, caps, grads, rows, head_roles.get("weight"), Hm, y, emb_ids, pU, dtype)
+    return K, index
+
+
+def _check_head(logits, head, h):
+    """The model's logits at the first position equal its head applied to the head's input there
+    (on up to 512 vocabulary columns spread over V: soft-capping or scaling would change them all)."""
+    if h is None:
+        raise GesimError("the output head was not called in the forward pass")
+    V = head.weight.shape[0]
+    cols = torch.linspace(0, V - 1, min(V, 512), device=head.weight.device).long()
+    with torch.no_grad():
+        got = logits.detach().reshape(-1, V)[:1, cols]
+        b = head.bias[cols] if head.bias is not None else None
+        want = torch.nn.functional.linear(h.detach().reshape(-1, h.shape[-1])[:1], head.weight[cols], b)
+    if got.shape != want.shape or not close(got, want):
+        raise GesimError("the model's logits are not its output head applied to the head's input "
+                         "(soft-capping or scaling after the head): no closed form for the head")
+
+
+def _check_uses(plan, caps):
+    called = {id(u.module) for c in caps if c for u in c[0].uses}
+    missing = [name for module, (name, _, _) in plan.items() if id(module) not in called]
+    if missing:
+        raise GesimError("selected parameters of modules never called in the forward pass (used "
+                         "functionally?): " + ", ".join(missing))
+
+
+def _embedding_ids(W, caps):
+    """The distinct ids looked up in the (tied) head weight, or None if the head is not tied."""
+    looked = [u.a for c in caps if c for u in c[0].uses if u.roles.get("weight") is W and "scale" in u.extra]
+    return torch.unique(torch.cat(looked)) if looked else None
+
+
+def _backward(caps, cot, dtype):
+    """{id(use): (K_r, T, d_out) output gradients} by one activation-only backward per token."""
+    out, k0 = {}, 0
+    for cap, pos in (c for c in caps if c):
+        uses = cap.uses
+        targets = [u.extra.pop("out") for u in uses]
+        h = cap.h
+        grads = [torch.empty(len(pos), *t.shape[1:] if t.shape[0] == 1 else t.shape, dtype=dtype, device=t.device)
+                 for t in targets]
+        for k, p in enumerate(pos.tolist()):
+            seed = torch.zeros_like(h)
+            seed[p] = cot[k0 + k].to(h.dtype)
+            got = torch.autograd.grad(h, targets, seed, retain_graph=k + 1 < len(pos), allow_unused=True)
+            for g, buf in zip(got, grads):
+                buf[k] = g.reshape(buf.shape[1:]) if g is not None else 0
+        for u, g in zip(uses, grads):
+            out[id(u)] = g.reshape(len(pos), cap.T, -1) if g.dim() > 2 else g.reshape(len(pos), 1, -1)
+        k0 += len(pos)
+    return out
+
+
+def _products(K, plan, caps, grads, rows, head_W, Hm, y, U, pU, dtype):
+    """Adds every hooked parameter's block to K."""
+    spans, k0 = [], 0
+    for c in caps:
+        n = len(c[1]) if c else 0
+        spans.append(slice(k0, k0 + n))
+        k0 += n
+    live = [(r, c[0]) for r, c in enumerate(caps) if c]
+    per_module = defaultdict(list)  # module -> [(row, use)]
+    for r, cap in live:
+        for u in cap.uses:
+            per_module[u.module].append((r, u))
+    for module, (_, kind, roles) in plan.items():
+        uses = per_module[module]
+        multi = len(uses) > len(live)  # called more than once per row
+        if kind == "linear":
+            _linear(K, uses, grads, spans, multi, roles, module, dtype)
+        elif kind == "embedding":
+            tied = roles["weight"] is head_W
+            _embedding(K, uses, grads, spans, tied, Hm, y, U, pU)
+        else:
+            for role in roles:
+                J = torch.zeros(K.shape[0], roles[role].numel(), dtype=dtype, device=K.device)
+                for r, u in uses:
+                    b = grads[id(u)]
+                    J[spans[r]] += (b.reshape(b.shape[0], *u.a[role].shape) * u.a[role]).sum(1).reshape(b.shape[0], -1)
+                K += J @ J.T
+
+
+def _linear(K, uses, grads, spans, multi, roles, module, dtype):
+    M = K.shape[0]
+    if "bias" in roles:
+        J = torch.zeros(M, roles["bias"].numel(), dtype=dtype, device=K.device)
+        for r, u in uses:
+            J[spans[r]] += grads[id(u)].sum(1)
+        K += J @ J.T
+    if "weight" not in roles:
+        return
+    A0, B0 = uses[0][1].a, grads[id(uses[0][1])]
+    T, d_in, d_out = A0.shape[0], A0.shape[1], B0.shape[2]
+    n_rows = len({r for r, _ in uses})
+    cost = linear_gram_flops(M, n_rows, T, d_in, d_out)
+    if not multi and cost["ghost"] < cost["materialise"]:
+        for r, u in uses:
+            for r2, v in uses:
+                Y = torch.matmul(u.a @ v.a.T, grads[id(v)])  # (K_r2, T, d_out)
+                K[spans[r], spans[r2]] += grads[id(u)].reshape(grads[id(u)].shape[0], -1) @ Y.reshape(Y.shape[0], -1).T
+        return
+    step = max(1, MAT_CAP // max(M * d_in, 1))
+    for o0 in range(0, d_out, step):  # split over d_out: memory M x step x d_in
+        per_row = {}
+        for r, u in uses:  # G_k = B_k^T A_r for all tokens of the row: one batched GEMM, no copies
+            G = torch.matmul(grads[id(u)][:, :, o0:o0 + step].transpose(1, 2), u.a)  # (K_r, o, d_in)
+            per_row[r] = per_row[r] + G if r in per_row else G
+        J = torch.cat([per_row[r].reshape(per_row[r].shape[0], -1) for r in sorted(per_row)])
+        K.addmm_(J, J.T)
+
+
+def _embedding(K, uses, grads, spans, tied, Hm, y, U, pU):
+    """S_k[x] = s sum_{t: x_t = x} c_kt over the distinct ids x; EE = S S^T; tied: + EH + EH^T."""
+    ids_all = U if tied else torch.unique(torch.cat([u.a for _, u in uses]))
+    M, d = K.shape[0], grads[id(uses[0][1])].shape[2]
+    S = torch.zeros(M, len(ids_all), d, dtype=K.dtype, device=K.device)
+    for r, u in uses:
+        c = grads[id(u)] * u.extra["scale"]
+        if u.extra["keep"] is not None:
+            c = c * u.extra["keep"][None, :, None]
+        where = torch.searchsorted(ids_all, u.a)
+        S[spans[r]] += torch.zeros(c.shape[0], len(ids_all), d, dtype=K.dtype, device=K.device).index_add_(1, where, c)
+    J = S.reshape(M, -1)
+    K += J @ J.T
+    if tied:
+        Dm = (y[:, None] == ids_all[None, :]).to(K.dtype) - pU  # (e_{y_l} - p_l)[x], (M, U)
+        EH = J @ (Dm[:, :, None] * Hm[:, None, :]).reshape(M, -1).T  # <E_k, H_l>
+        K += EH + EH.T

@@ -1,0 +1,143 @@
+"""The fast token Gram (gesim.probe.tokens) against the per-token loop (one backward per
+token, gesim.probe.reference) in float64 to 1e-10: HF GPT-2 (tied and untied), Llama, gesim's
+own GPT; both exact forms of the per-layer products; the LM head's closed form alone, in
+vocabulary chunks; refusals."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from gesim import GesimError, probe
+from gesim.probe import tokens, toy
+from gesim.probe.reference import reference_token_gram
+
+RTOL = 1e-10
+
+
+def _rows(V, N=3, T=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (N, T), generator=g)
+    mask = torch.zeros_like(ids)
+    mask[:, T // 3:] = 1
+    mask[1, T - 4:] = 0  # a shorter row (right padding)
+    return ids, mask
+
+
+def _gap(model, ids, mask, params="all"):
+    K, index = tokens.fast_token_gram(model, ids, mask, params)
+    R, ref_index = reference_token_gram(model, ids, mask, params)
+    assert index == ref_index and K.shape == R.shape
+    return float((K - R).abs().max() / R.abs().max())
+
+
+def _own_gpt(tied):
+    model_mod = pytest.importorskip("gesim.transformer.model")
+    names = {f.name for f in dataclasses.fields(model_mod.GPTConfig)}
+    want = dict(vocab_size=51, block_size=64, n_layer=2, n_head=2, n_embd=16, dropout=0.0, tie_weights=tied)
+    return model_mod.GPT(model_mod.GPTConfig(**{k: v for k, v in want.items() if k in names})).double().eval()
+
+
+@pytest.mark.parametrize("arch,tied", [("gpt2", True), ("gpt2", False), ("llama", True), ("llama", False)])
+def test_token_gram_matches_per_token_loop_fp64(arch, tied):
+    m = toy.build_model(arch, vocab_size=60, d=16, tied=tied).double()
+    assert _gap(m, *_rows(60)) < RTOL
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_token_gram_own_gpt_matches_per_token_loop_fp64(tied):
+    assert _gap(_own_gpt(tied), *_rows(51, N=2)) < RTOL
+
+
+@pytest.mark.parametrize("form", ["ghost", "materialise"])
+def test_both_exact_forms_of_the_layer_products_match_the_loop(monkeypatch, form):
+    """The cost rule only chooses between two exact forms: force each one (and the d_out split)."""
+    other = "materialise" if form == "ghost" else "ghost"
+    monkeypatch.setattr(tokens, "linear_gram_flops", lambda *a: {form: 0, other: 1})
+    monkeypatch.setattr(tokens, "MAT_CAP", 100)  # materialised layers split over d_out
+    m = toy.build_model("gpt2", vocab_size=60, d=16, tied=True).double()
+    assert _gap(m, *_rows(60)) < RTOL
+
+
+def test_cost_rule_counts_all_pairs_of_the_full_gram():
+    """Ghost is cheaper exactly when T < d_in (module docstring): both counts scale with M^2."""
+    for T, d_in, d_out in [(48, 128, 512), (48, 512, 128), (256, 128, 512), (32, 16, 64)]:
+        c = tokens.linear_gram_flops(64, 1, T, d_in, d_out)
+        assert (c["ghost"] < c["materialise"]) == (T < d_in)
+
+
+@pytest.mark.parametrize("chunk", [tokens.CHUNK, 7])
+def test_head_block_closed_form_matches_the_loop_in_vocabulary_chunks(monkeypatch, chunk):
+    """The LM head alone (untied): (h_a . h_b)(1[y_a=y_b] - p_a[y_b] - p_b[y_a] + <p_a, p_b>),
+    with the online softmax over chunks of a few vocabulary columns."""
+    monkeypatch.setattr(tokens, "CHUNK", chunk)
+    m = toy.build_model("gpt2", vocab_size=300, d=16, tied=False).double()
+    head = m.get_output_embeddings().weight
+    assert _gap(m, *_rows(300), params=lambda n, p: p is head) < RTOL
+    assert _gap(m, *_rows(300)) < RTOL
+
+
+def test_head_closed_form_by_hand():
+    """Independent of the loop: the formula from one full softmax equals (e - p)(e - p)^T h h^T."""
+    g = torch.Generator().manual_seed(3)
+    H = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    W = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([1, 3, 1, 8, 0])
+    lse, pW, PP, Py, _ = tokens._head_pass(H, W, None, y, None)
+    p = torch.softmax(H @ W.T, -1)
+    G = torch.stack([torch.outer(torch.nn.functional.one_hot(y[k], 9).double() - p[k], H[k]) for k in range(5)])
+    want = torch.einsum("kvd,lvd->kl", G, G)
+    D = (y[:, None] == y[None, :]).double() - Py - Py.T + PP
+    assert torch.allclose((H @ H.T) * D, want, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(pW, p @ W, rtol=1e-12) and torch.allclose(lse, torch.logsumexp(H @ W.T, -1))
+
+
+def test_api_token_gram_uses_the_fast_path_and_refuses_a_post_processed_head():
+    m = toy.build_model("gpt2", vocab_size=60, d=16, tied=True).double()
+    ids, mask = _rows(60)
+    fast = probe.token_gram(m, ids, mask, backend="fast")
+    ref = probe.token_gram(m, ids, mask, backend="reference")
+    assert float((fast.K - ref.K).abs().max() / ref.K.abs().max()) < RTOL
+    handle = m.get_output_embeddings().register_forward_hook(lambda mod, a, out: 3.0 * torch.tanh(out / 3.0))
+    try:
+        with pytest.raises(GesimError, match="head"):
+            probe.token_gram(m, ids, mask, backend="fast")
+        auto = probe.token_gram(m, ids, mask)  # falls back to the exact per-token loop
+        ref = probe.token_gram(m, ids, mask, backend="reference")
+        assert torch.equal(auto.K, ref.K)
+    finally:
+        handle.remove()
+
+
+def test_bench_quick_token_part_is_gated_and_counts_its_floor(tmp_path):
+    """Smoke run of bench/probe.py --quick --only tokens: parity gate, loop and floor ratios, FLOP counts."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "probe.py"
+    spec = importlib.util.spec_from_file_location("bench_probe", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "p.json"
+    assert bench.main(["--quick", "--only", "tokens", "--token-reps", "1", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["token_gram"]["rows"][0]
+    for part in ("all_params", "head_block"):
+        assert row[part]["parity_1e-10"] and row[part]["rel_error_vs_loop"] < RTOL
+        assert row[part]["loop_over_fast"] > 0
+    counts = row["all_params"]["counted_flops"]
+    assert counts["products"] > 0 and counts["head"] > 0 and row["all_params"]["fast_over_floor"] > 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lora_subset_and_a_row_without_response_tokens(arch):
+    """params='lora' on a PEFT model (LoRA factors are Linear uses; the frozen head only routes the
+    cotangent), and a middle row whose mask selects nothing (no block, no forward)."""
+    peft = pytest.importorskip("peft")
+    m = toy.build_model(arch, vocab_size=60, d=16, tied=True).double()
+    ids, mask = _rows(60)
+    mask[1] = 0
+    assert _gap(m, ids, mask) < RTOL
+    targets = ["c_attn", "c_fc"] if arch == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules=targets, lora_dropout=0.0,
+                                                fan_in_fan_out=arch == "gpt2", init_lora_weights=False))
+    assert _gap(pm, ids, mask, "lora") < RTOL
