@@ -194,9 +194,11 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(GesimError, match="unknown probe backend 'fastest'"):
         probe.pair_stats(m, b, backend="fastest")
     with pytest.raises(GesimError, match="selects no parameter"):
-        probe.pair_stats(m, b, params=lambda n, p: False)
-    with pytest.raises(GesimError, match="params must be"):
-        probe.pair_stats(m, b, params="everything")
+        probe.pair_stats(m, b, select=lambda n, p: False)
+    with pytest.raises(GesimError, match="select must be"):
+        probe.pair_stats(m, b, select="everything")
+    with pytest.warns(DeprecationWarning, match="is now `select=`"), pytest.raises(GesimError, match="select must be"):
+        probe.pair_stats(m, b, params="everything")  # the old keyword still reaches the selection
     with pytest.raises(GesimError, match="per_layer=True needs"):
         probe.pair_stats(m, b, backend="reference", per_layer=True)
     with pytest.raises(GesimError, match="precond tensor of shape"):

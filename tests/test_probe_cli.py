@@ -63,13 +63,19 @@ def test_cli_text_summary_and_counts(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--loss", "dpoo"], "unknown loss 'dpoo'"),
-    (["--params", "("], "--params (: not 'all', 'lora' or a valid regular expression"),
-    (["--params", "nomatch"], "selects no parameter"),
+    (["--select", "("], "--select (: not 'all', 'lora' or a valid regular expression"),
+    (["--select", "nomatch"], "selects no parameter"),
 ])
 def test_cli_errors_are_one_line_exit_2(tiny, capsys, extra, message):
     rc = main(["probe", "--model", str(tiny / "model"), "--data", str(tiny / "pairs.jsonl"), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and message in err[-1] and err[-1].startswith("python -m gesim probe: error:")
+
+
+def test_old_params_flag_is_an_alias_of_select(tiny, capsys):
+    """``--params`` (the old name) selects exactly what ``--select`` selects."""
+    rc = main(["probe", "--model", str(tiny / "model"), "--data", str(tiny / "pairs.jsonl"), "--params", "nomatch"])
+    assert rc == 2 and "--select nomatch: selects no parameter" in capsys.readouterr().err
 
 
 def test_cli_missing_model_dir(tmp_path, capsys):

@@ -83,7 +83,7 @@ FLOAT32_PARTS = {"llama": 1e-6}
 def test_row_gram_pair_stats_equal_probe_reference_fp64(arch, tied, lora, batch_gram):
     m, b = _model(arch, tied, lora), _batch()
     select = "lora" if lora else "all"
-    want = probe.pair_stats(m, b, params=select, backend="reference")
+    want = probe.pair_stats(m, b, select=select, backend="reference")
     m.train()
     rg, d_w, d_l, B, _, _ = _step(m, b, StepTelemetry(m, select=select, batch_gram=batch_gram))
     assert rg.rw2.dtype == torch.float64 and (rg.gram is not None) == batch_gram

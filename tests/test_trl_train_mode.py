@@ -161,7 +161,7 @@ def _check_against_reference(trainer, cb, seen, params="all", lora=False, ref_mo
         rows = (table["step"] == step) & (table["micro"] == micro)
         pb = _pair_batch(inputs)
         assert rows.sum() == len(pb)
-        ref = probe.pair_stats(_fresh(state, torch.float64, lora), pb, params=params, backend="reference")
+        ref = probe.pair_stats(_fresh(state, torch.float64, lora), pb, select=params, backend="reference")
         for key in ("ip", "nw2", "nl2"):
             want = ref[key].numpy()
             got = table[key][rows]

@@ -18,8 +18,8 @@ Scaling out
           --model DIR --data pairs.jsonl --device cuda --dtype bfloat16 --batch-size 16 --out o.csv
 
   ``accelerate launch -m gesim probe ...`` sets the same environment variables and works alike.
-* Models too large for one GPU at full parameters: probe a subset (``--params lora`` on a PEFT
-  adapter directory, or ``--params REGEX`` for, e.g., the last blocks), use ``--dtype bfloat16``
+* Models too large for one GPU at full parameters: probe a subset (``--select lora`` on a PEFT
+  adapter directory, or ``--select REGEX`` for, e.g., the last blocks), use ``--dtype bfloat16``
   (the Grams are still accumulated in fp32), and lower ``--batch-size``/``--max-length``. The
   probe keeps no per-sample parameter gradients (no B x P tensor) and no weight gradients, so
   its peak memory is close to one training step; a model that does not fit for one training step
@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", metavar="FILE.csv", help="write the per-pair CSV here (atomically)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="pairs per batch (default 8)")
     p.add_argument("--max-length", type=positive_int, default=512, help="truncate responses beyond this (default 512)")
-    p.add_argument("--params", default="all", metavar="all|lora|REGEX",
+    p.add_argument("--select", "--params", dest="select", default="all", metavar="all|lora|REGEX",
                    help="parameters: all trainable, LoRA factors, or names matching REGEX (default all)")
     p.add_argument("--dtype", choices=registries.DTYPES, default="float32",
                    help="dtype the model is loaded in (default float32)")

@@ -58,7 +58,7 @@ def param_selector(spec: str):
     try:
         pattern = re.compile(spec)
     except re.error as err:
-        raise GesimError(f"--params {spec}: not 'all', 'lora' or a valid regular expression ({err})") from None
+        raise GesimError(f"--select {spec}: not 'all', 'lora' or a valid regular expression ({err})") from None
     return lambda name, p: bool(pattern.search(name))
 
 
@@ -72,13 +72,13 @@ def _dist():
     return dist.get_rank(), dist.get_world_size()
 
 
-def measure(model, batches, pad_id, params, backend, device, progress=True):
+def measure(model, batches, pad_id, select, backend, device, progress=True):
     """Per-pair dicts (COLUMNS) for lists of EncodedPair batches."""
     from tqdm import tqdm
     rows = []
     for group in tqdm(batches, desc="probe", unit="batch", file=sys.stderr, disable=None if progress else True):
         batch = collate(group, pad_id).to(device)
-        st = api.pair_stats(model, batch, params=params, backend=backend)
+        st = api.pair_stats(model, batch, select=select, backend=backend)
         ch = api.ches(model, batch)
         len_w, len_l = batch.chosen_mask.sum(1), batch.rejected_mask.sum(1)
         for i, pair in enumerate(group):
@@ -102,13 +102,13 @@ def predict_regimes(rows, loss_names):
     return fractions
 
 
-def token_gram_summary(model, pairs, pad_id, params, device, out_path=None):
+def token_gram_summary(model, pairs, pad_id, select, device, out_path=None):
     """Token Grams (chosen + rejected rows) of the given pairs: mean off-diagonal cosines."""
     summary, arrays = [], {}
     for pair in pairs:
         batch = collate([pair], pad_id).to(device)
         ids, mask = batch.stacked(pad_id)
-        gram = api.token_gram(model, ids, mask, params=params)
+        gram = api.token_gram(model, ids, mask, select=select)
         C = gram.cos().double().cpu()
         rows = torch.tensor([r for r, _ in gram.index])
         on_w, on_l = rows == 0, rows == 1
@@ -131,20 +131,20 @@ def run_probe(args) -> int:
         losses.get(name)  # an unknown name gets "did you mean", a batch-coupled loss says why it is unsupported
     rank, world = _dist()
     device = args.device if world == 1 or args.device == "cpu" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    params = param_selector(args.params)
+    select = param_selector(args.select)
     read = data.read_pairs(args.data)  # bad data is refused before the model loads
     model, tokenizer = load_model(args.model, args.dtype, device)
     try:
-        selected_named(model, params)
+        selected_named(model, select)
     except GesimError:
         names = [n for n, _ in model.named_parameters()][:3]
-        raise GesimError(f"--params {args.params}: selects no parameter of the model (names look like "
+        raise GesimError(f"--select {args.select}: selects no parameter of the model (names look like "
                          f"{', '.join(names)}, ...)") from None
     enc = encode_rows(read.rows, tokenizer, args.max_length)
     if not enc.pairs:
         raise GesimError(f"{args.data}: every row was skipped ({dict(enc.skipped)})")
     shard = enc.pairs[rank::world]
-    rows = measure(model, buckets(shard, args.batch_size), enc.pad_id, params, args.backend, device,
+    rows = measure(model, buckets(shard, args.batch_size), enc.pad_id, select, args.backend, device,
                    progress=rank == 0)
     if world > 1:
         import torch.distributed as dist
@@ -163,7 +163,7 @@ def run_probe(args) -> int:
                          f"{hint}")
     fractions = predict_regimes(rows, loss_names)
     first = sorted(enc.pairs, key=lambda p: p.index)[:max(args.token_gram, 0)]
-    grams = token_gram_summary(model, first, enc.pad_id, params, device, args.out) if first else []
+    grams = token_gram_summary(model, first, enc.pad_id, select, device, args.out) if first else []
     if args.out:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(COLUMNS) + [f"regime_{n}" for n in loss_names])

@@ -25,7 +25,7 @@ trainer's ``loss``, ``grad_norm``, ``learning_rate`` and trl's ``rewards/*``, ``
 * ``entanglement/seconds``: wall time of the probe at that step (the callback's overhead).
 
 Memory: between a probe step and the next step the callback keeps one copy of the selected
-parameters and the two mean-log-prob gradients (3 P numbers; use ``params="lora"`` on big models).
+parameters and the two mean-log-prob gradients (3 P numbers; use ``select="lora"`` on big models).
 
 Usage::
 
@@ -54,11 +54,12 @@ class EntanglementCallback(TrainerCallback):
 
     ``pairs``: a :class:`gesim.lm.PairBatch`, or rows ``{"prompt", "chosen", "rejected"}``
     (strings) with ``tokenizer``. ``loss``: a registered gesim loss name; ``loss_params``
-    its hyper-parameters (e.g. ``{"beta": 0.1}``); ``params``: as for ``pair_stats``.
+    its hyper-parameters (e.g. ``{"beta": 0.1}``); ``select``: the parameters, as for
+    ``pair_stats`` (``params=`` is its old, deprecated name).
     """
 
     def __init__(self, pairs, tokenizer=None, every: int = 10, loss: str = "dpo", loss_params=None,
-                 params="all", max_length: int = 512):
+                 select="all", max_length: int = 512, *, params=None):
         if every < 1:
             raise GesimError(f"every must be a positive number of steps, got {every}")
         if not isinstance(pairs, lm.PairBatch):
@@ -68,7 +69,7 @@ class EntanglementCallback(TrainerCallback):
             if not enc.pairs:
                 raise GesimError("EntanglementCallback: no probe pair left after tokenisation")
             pairs = collate(enc.pairs, enc.pad_id)
-        self.batch, self.every, self.params = pairs, every, params
+        self.batch, self.every, self.select = pairs, every, (select if params is None else params)
         self.derivation = symbolic.derive(loss)
         self.loss_params = dict(loss_params or {})
         self.derivation.loss.params(**self.loss_params)  # validate now
@@ -84,7 +85,7 @@ class EntanglementCallback(TrainerCallback):
         """{parameter: 1 / (sqrt(v_hat) + eps)} for the selected parameters, or None (no Adam state)."""
         if optimizer is None:
             return None
-        selected = {id(p) for p in selected_parameters(model, self.params)}
+        selected = {id(p) for p in selected_parameters(model, self.select)}
         out = {}
         for group in getattr(optimizer, "param_groups", []):
             beta2, eps = group.get("betas", (None, None))[1], group.get("eps")
@@ -102,11 +103,11 @@ class EntanglementCallback(TrainerCallback):
         t0 = time.perf_counter()
         device = next(model.parameters()).device
         batch = self.batch.to(device)
-        st = api.pair_stats(model, batch, params=self.params)
+        st = api.pair_stats(model, batch, select=self.select)
         c = {k: v.double().cpu().numpy() for k, v in st.items() if k != "layers"}
         P = self._precond(model, optimizer)
         pc = c if P is None else {k: v.double().cpu().numpy() for k, v in api.pair_stats(
-            model, batch, params=self.params, precond=P).items()}
+            model, batch, select=self.select, precond=P).items()}
         len_w = self.batch.chosen_mask.sum(1).double().numpy()
         len_l = self.batch.rejected_mask.sum(1).double().numpy()
         pred = dynamics.predict(self.derivation, lw=c["lw"], ll=c["ll"], ip=pc["ip"], nw2=pc["nw2"], nl2=pc["nl2"],
@@ -138,7 +139,7 @@ class EntanglementCallback(TrainerCallback):
 
     def _snapshot(self, model):
         """Log-probs, their mean gradients and the selected parameters now, for the next step."""
-        chosen = selected_parameters(model, self.params)
+        chosen = selected_parameters(model, self.select)
         lw, ll, g = self._grads(model, chosen)
         return lw, ll, g, [p.detach().clone() for p in chosen]
 
@@ -147,7 +148,7 @@ class EntanglementCallback(TrainerCallback):
         that update ``d``: ``<(grad mean S(theta) + grad mean S(theta + d)) / 2, d>`` (trapezoid
         rule: exact up to third order in d)."""
         lw0, ll0, g0, theta0 = self._last
-        chosen = selected_parameters(model, self.params)
+        chosen = selected_parameters(model, self.select)
         lw, ll, g1 = self._grads(model, chosen)
         step = [p.detach() - q for p, q in zip(chosen, theta0)]
         out = {}

@@ -18,18 +18,19 @@ from gesim.errors import GesimError, unknown
 BACKENDS = ("auto", "fast", "func", "reference")
 
 
-def pair_stats(model, batch: lm.PairBatch, params="all", backend: str = "auto", precond=None,
-               per_layer: bool = False) -> dict[str, torch.Tensor]:
+def pair_stats(model, batch: lm.PairBatch, select="all", backend: str = "auto", precond=None,
+               per_layer: bool = False, *, params=None) -> dict[str, torch.Tensor]:
     """Per pair (each (B,)): ``ip``, ``nw2``, ``nl2``, ``cos``, ``lw``, ``ll``.
 
-    ``params``: ``"all"`` trainable parameters, ``"lora"`` (names containing ``lora_``) or a
+    ``select``: ``"all"`` trainable parameters, ``"lora"`` (names containing ``lora_``) or a
     predicate ``f(name, param)``. ``backend``: ``"fast"`` (one forward, one backward with
     respect to activations; ghost or materialised products per layer), ``"func"``
     (torch.func per-sample gradients), ``"reference"`` (one pair at a time, two backward
     passes) or ``"auto"`` (= fast). ``precond``: optional ``{parameter: tensor of its shape}``
     diagonal preconditioner P. ``per_layer=True`` adds ``"layers"``: {module use name:
-    {"ip", "nw2", "nl2"}} (fast backend only).
+    {"ip", "nw2", "nl2"}} (fast backend only). ``params=``: the old name of ``select`` (deprecated).
     """
+    select = _renamed(select, params)
     if backend not in BACKENDS:
         raise unknown("probe backend", backend, BACKENDS)
     if len(batch) == 0:
@@ -41,15 +42,15 @@ def pair_stats(model, batch: lm.PairBatch, params="all", backend: str = "auto", 
             if per_layer:
                 raise GesimError("per_layer=True needs the 'fast' backend")
             from gesim.probe.reference import reference_pair_stats
-            return reference_pair_stats(model, batch, params, precond=precond)
+            return reference_pair_stats(model, batch, select, precond=precond)
         if backend == "func":
             if per_layer:
                 raise GesimError("per_layer=True needs the 'fast' backend")
             from gesim.probe.func import func_pair_stats
-            return func_pair_stats(model, batch, params, precond=precond)
+            return func_pair_stats(model, batch, select, precond=precond)
         from gesim.probe.fast import fast_pair_stats
         try:
-            return fast_pair_stats(model, batch, params, precond=precond, per_layer=per_layer)
+            return fast_pair_stats(model, batch, select, precond=precond, per_layer=per_layer)
         except (TypeError, IndexError, KeyError, AttributeError, ValueError) as err:
             # A model whose forward the fast probe's hooks do not follow: a clear refusal, never
             # a raw traceback (the families matrix lists the known cases).
@@ -57,6 +58,16 @@ def pair_stats(model, batch: lm.PairBatch, params="all", backend: str = "auto", 
                              f"({type(err).__name__}: {err}); backend='reference' uses plain autograd") from err
     finally:
         model.train(was_training)
+
+
+def _renamed(select, params):
+    """``params=`` is the old keyword of the parameter selection (one word per concept: ``select``)."""
+    if params is None:
+        return select
+    import warnings
+
+    warnings.warn("the probe's `params=` is now `select=`", DeprecationWarning, stacklevel=3)
+    return params
 
 
 @dataclass
@@ -79,13 +90,15 @@ class TokenGram:
         return self.K[ia][:, ib]
 
 
-def token_gram(model, ids: torch.Tensor, mask: torch.Tensor, params="all", backend: str = "auto") -> TokenGram:
+def token_gram(model, ids: torch.Tensor, mask: torch.Tensor, select="all", backend: str = "auto", *,
+               params=None) -> TokenGram:
     """Exact token Gram of the per-token log-prob gradients for all masked tokens of ``ids``
     (N, T) right-padded; several rows give the cross blocks (e.g. chosen x rejected).
 
     ``backend``: ``"fast"``/``"auto"`` (layer-wise, one backward batched over one-hot
     cotangents, LM-head closed form, docs/theory.md section 8.5) or ``"reference"`` (one backward per token).
     """
+    select = _renamed(select, params)
     if backend not in BACKENDS:
         raise unknown("token-gram backend", backend, BACKENDS)
     if ids.ndim != 2 or ids.shape != mask.shape:
@@ -95,16 +108,16 @@ def token_gram(model, ids: torch.Tensor, mask: torch.Tensor, params="all", backe
     try:
         if backend == "reference" or backend == "func":
             from gesim.probe.reference import reference_token_gram
-            K, index = reference_token_gram(model, ids, mask, params)
+            K, index = reference_token_gram(model, ids, mask, select)
         else:
             from gesim.probe.tokens import fast_token_gram
             try:
-                K, index = fast_token_gram(model, ids, mask, params)
+                K, index = fast_token_gram(model, ids, mask, select)
             except GesimError:
                 if backend == "fast":
                     raise
                 from gesim.probe.reference import reference_token_gram  # exact, one backward per token
-                K, index = reference_token_gram(model, ids, mask, params)
+                K, index = reference_token_gram(model, ids, mask, select)
     finally:
         model.train(was_training)
     return TokenGram(K.detach(), index)

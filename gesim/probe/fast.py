@@ -113,9 +113,9 @@ CONTAINERS = (torch.nn.ParameterDict, torch.nn.ParameterList, torch.nn.ModuleDic
 class _Engine:
     """Hooks, one forward, one backward; fills a :class:`_Products`."""
 
-    def __init__(self, model, params, N, pairs, precond=None):
+    def __init__(self, model, select, N, pairs, precond=None):
         self.model, self.N, self.T = model, N, 0
-        chosen = selected_named(model, params)
+        chosen = selected_named(model, select)
         precond_vector(precond, [p for _, p in chosen])  # validates shapes and membership
         self.precond = {id(p): v for p, v in (precond or {}).items()}
         self.selected = {id(p): name for name, p in chosen}
@@ -391,12 +391,12 @@ def _out_shape(use):
     return (*a.shape[:2], use.rule.out_dim(use))
 
 
-def fast_pair_stats(model, batch: lm.PairBatch, params="all", precond=None, per_layer=False):
+def fast_pair_stats(model, batch: lm.PairBatch, select="all", precond=None, per_layer=False):
     """See :func:`gesim.probe.pair_stats`."""
     B = len(batch)
     ids, mask = batch.stacked()  # (2B, T): chosen rows then rejected rows
     ia, ib = slice(0, B), slice(B, 2 * B)  # views, no gather copies
-    engine = _Engine(model, params, 2 * B, {"ip": (ia, ib), "nw2": (ia, ia), "nl2": (ib, ib)}, precond)
+    engine = _Engine(model, select, 2 * B, {"ip": (ia, ib), "nw2": (ia, ia), "nl2": (ib, ib)}, precond)
     engine.products.record_layers = per_layer
     s = engine.run(ids, mask)
     out = {k: v for k, v in engine.products.total.items()}
@@ -407,16 +407,16 @@ def fast_pair_stats(model, batch: lm.PairBatch, params="all", precond=None, per_
     return out
 
 
-def fast_token_gram(model, ids, mask, params="all"):
+def fast_token_gram(model, ids, mask, select="all"):
     """Exact token Gram; see :func:`gesim.probe.tokens.fast_token_gram` (one forward per row,
     one activation-only backward per token, the LM head in closed form)."""
     from gesim.probe.tokens import fast_token_gram as tokens_gram
-    return tokens_gram(model, ids, mask, params)
+    return tokens_gram(model, ids, mask, select)
 
 
-def fast_row_gram(model, ids, mask, params="all", precond=None):
+def fast_row_gram(model, ids, mask, select="all", precond=None):
     """Full Gram (N, N) of the per-row gradients ``<G_i, P G_j>`` of the summed masked log-probs
     (one forward, one backward): ``sum_ij`` of it equals ``||grad sum_i S_i||^2`` (P = 1)."""
-    engine = _Engine(model, params, len(ids), None, precond)
+    engine = _Engine(model, select, len(ids), None, precond)
     engine.run(ids, mask)
     return engine.products.total

@@ -39,9 +39,9 @@ class _Rows(torch.nn.Module):
         return (logp * m).sum()
 
 
-def per_sample_grads(model, ids, mask, params="all", chunk_size=None) -> torch.Tensor:
+def per_sample_grads(model, ids, mask, select="all", chunk_size=None) -> torch.Tensor:
     """Flattened per-row gradients (N, P) of the summed masked log-probs."""
-    chosen = selected_named(model, params)
+    chosen = selected_named(model, select)
     rows = _Rows(model)
     theta = {"model." + name: p.detach() for name, p in chosen}
     f = lambda th, x, m: functional_call(rows, th, (x, m))  # noqa: E731
@@ -49,12 +49,12 @@ def per_sample_grads(model, ids, mask, params="all", chunk_size=None) -> torch.T
     return torch.cat([g["model." + name].flatten(1) for name, _ in chosen], dim=1)
 
 
-def func_pair_stats(model, batch: lm.PairBatch, params="all", precond=None):
+def func_pair_stats(model, batch: lm.PairBatch, select="all", precond=None):
     """See :func:`gesim.probe.pair_stats` (backend ``"func"``)."""
     B = len(batch)
     ids, mask = batch.stacked()
-    G = per_sample_grads(model, ids, mask, params)  # (2B, P)
-    P = precond_vector(precond, [p for _, p in selected_named(model, params)])
+    G = per_sample_grads(model, ids, mask, select)  # (2B, P)
+    P = precond_vector(precond, [p for _, p in selected_named(model, select)])
     PG = G if P is None else G * P
     g_w, g_l, pg_w, pg_l = G[:B], G[B:], PG[:B], PG[B:]
     out = {"ip": (g_w * pg_l).sum(1), "nw2": (g_w * pg_w).sum(1), "nl2": (g_l * pg_l).sum(1)}

@@ -14,27 +14,27 @@ from gesim import dynamics, lm
 from gesim.errors import GesimError
 
 
-def selected_named(model, params="all") -> list[tuple[str, torch.nn.Parameter]]:
+def selected_named(model, select="all") -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) to differentiate: ``"all"`` trainable ones, ``"lora"`` (name contains
     'lora_', or a PEFT ``modules_to_save`` copy: trained with the adapter), or a predicate
     ``f(name, param) -> bool``; a tied parameter appears once."""
-    if params == "all":
+    if select == "all":
         keep = lambda name, p: p.requires_grad  # noqa: E731
-    elif params == "lora":  # the adapter's trainable parameters: LoRA/DoRA factors and PEFT modules_to_save copies
+    elif select == "lora":  # the adapter's trainable parameters: LoRA/DoRA factors and PEFT modules_to_save copies
         keep = lambda name, p: "lora_" in name or ".modules_to_save." in name  # noqa: E731
-    elif callable(params):
-        keep = params
+    elif callable(select):
+        keep = select
     else:
-        raise GesimError(f"params must be 'all', 'lora' or a predicate f(name, param) -> bool, got {params!r}")
+        raise GesimError(f"select must be 'all', 'lora' or a predicate f(name, param) -> bool, got {select!r}")
     chosen = [(name, p) for name, p in model.named_parameters() if keep(name, p)]
     if not chosen:
-        raise GesimError(f"params={params!r} selects no parameter of the model")
+        raise GesimError(f"select={select!r} selects no parameter of the model")
     return chosen
 
 
-def selected_parameters(model, params="all") -> list[torch.nn.Parameter]:
+def selected_parameters(model, select="all") -> list[torch.nn.Parameter]:
     """The parameters of :func:`selected_named`, without names."""
-    return [p for _, p in selected_named(model, params)]
+    return [p for _, p in selected_named(model, select)]
 
 
 def precond_vector(precond, chosen) -> torch.Tensor | None:
@@ -52,19 +52,19 @@ def precond_vector(precond, chosen) -> torch.Tensor | None:
     return torch.cat([by_id.get(id(p), torch.ones_like(p)).reshape(-1).to(p.dtype) for p in chosen])
 
 
-def _flat_grad(value, params) -> torch.Tensor:
-    grads = torch.autograd.grad(value, params, allow_unused=True, retain_graph=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+def _flat_grad(value, theta) -> torch.Tensor:
+    grads = torch.autograd.grad(value, theta, allow_unused=True, retain_graph=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, theta)])
 
 
-def reference_pair_stats(model, batch: lm.PairBatch, params="all", precond=None) -> dict[str, torch.Tensor]:
+def reference_pair_stats(model, batch: lm.PairBatch, select="all", precond=None) -> dict[str, torch.Tensor]:
     """Per pair ``ip = <g_w, P g_l>``, ``nw2 = <g_w, P g_w>``, ``nl2``, ``cos``, ``lw``, ``ll``
     (each (B,)), the plain way; P is the diagonal ``precond`` (identity when None).
 
     Each pair is trimmed of padding and run alone; the products are taken in the gradients'
     dtype (use float64 models for exact checks).
     """
-    chosen = selected_parameters(model, params)
+    chosen = selected_parameters(model, select)
     p_vec = precond_vector(precond, chosen)
     out = {k: [] for k in ("ip", "nw2", "nl2", "lw", "ll")}
     for i in range(len(batch)):
@@ -83,11 +83,11 @@ def reference_pair_stats(model, batch: lm.PairBatch, params="all", precond=None)
     return stats
 
 
-def reference_token_jacobian(model, ids: torch.Tensor, mask: torch.Tensor, params="all"):
+def reference_token_jacobian(model, ids: torch.Tensor, mask: torch.Tensor, select="all"):
     """Flattened per-token gradients J (M, P) of log pi(x_t | x_<t) for every masked token
     (row by row, t ascending; position 0 never counts), one backward pass per token, and the
     index list [(row, t)]."""
-    chosen = selected_parameters(model, params)
+    chosen = selected_parameters(model, select)
     rows, index = [], []
     for r in range(len(ids)):
         logp = lm.token_logps(lm.logits(model, ids[r:r + 1], mask[r:r + 1]), ids[r:r + 1])[0]  # (T,)
@@ -100,7 +100,7 @@ def reference_token_jacobian(model, ids: torch.Tensor, mask: torch.Tensor, param
     return torch.stack(rows), index
 
 
-def reference_token_gram(model, ids: torch.Tensor, mask: torch.Tensor, params="all"):
+def reference_token_gram(model, ids: torch.Tensor, mask: torch.Tensor, select="all"):
     """K = J J^T (M, M) by the plain per-token loop; returns (K, index)."""
-    J, index = reference_token_jacobian(model, ids, mask, params)
+    J, index = reference_token_jacobian(model, ids, mask, select)
     return J @ J.T, index

@@ -223,7 +223,7 @@ def _head_pass(H, W, b, y, U, need_pw=True):
     return lse, pW, PP, probs(y), (probs(U) if U is not None else None)
 
 
-def fast_token_gram(model, ids, mask, params="all"):
+def fast_token_gram(model, ids, mask, select="all"):
     """See :func:`gesim.probe.token_gram`; returns (K (M, M), index [(row, t)])."""
     from gesim.probe.api import output_head
 
@@ -232,7 +232,7 @@ def fast_token_gram(model, ids, mask, params="all"):
     index = [(int(r), int(t)) for r, t in mask.nonzero().tolist()]
     if not index:
         raise GesimError("token_gram: the mask selects no response token")
-    chosen = selected_named(model, params)
+    chosen = selected_named(model, select)
     dtype = torch.float64 if chosen[0][1].dtype == torch.float64 else torch.float32
     head = output_head(model)
     plan, head_roles = _plan(model, head, chosen)
