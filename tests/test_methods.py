@@ -249,6 +249,21 @@ def test_plain_dpo_lowers_the_chosen_logprob_in_the_mitigation_setting(one_threa
         mitigation.method_run("nothing", mitigation.config())
 
 
+def test_mitigation_tables_from_rows_gathered_seed_by_seed():
+    """tabulate (what the many-seed bench merges per-process seeds with): spreads of every key
+    and "k/n" for the chosen rising and for DPO's chosen falling, as gesim.claims computes them."""
+    def row(dlw, x):
+        return {k: x for k in mitigation.KEYS} | {"dlw": dlw}
+
+    per = {"dpo": [row(-0.5, 0.1), row(-2.0, 0.3), row(0.1, 0.2)],
+           "pngd": [row(1.0, 0.9), row(2.0, 0.8), row(0.5, 1.0)]}
+    out = mitigation.tabulate(per, [0, 1, 2], {})
+    assert out["dpo_chosen_falls"] == claims.holds([True, True, False]).as_dict()
+    assert out["chosen_rises"]["pngd"]["k"] == 3 and out["chosen_rises"]["dpo"]["k"] == 1
+    assert out["table"]["dpo"]["dlw"] == claims.spread([-0.5, -2.0, 0.1]).as_dict()
+    assert out["table"]["pngd"]["pair_ideal_fraction"] == claims.spread([0.9, 0.8, 1.0]).as_dict()
+
+
 def test_the_two_mitigation_figures_share_seeds_and_a_new_base_seed_draws_new_ones():
     from gesim.figures import Context
     from gesim.figures.methods import N_SEEDS, _seeds

@@ -109,8 +109,14 @@ def mitigation_study(seeds=(0, 1, 2, 3, 4), methods=METHODS, progress: bool = Fa
         if "mask_weights" in out:
             row["mask_weights"] = out["mask_weights"]
         per[m].append(row)
+    return tabulate(per, seeds, dataclasses.asdict(cfg0))
+
+
+def tabulate(per: dict, seeds: list, config: dict) -> dict:
+    """The study's output from its per-seed rows ``per[method]`` (also for rows gathered from
+    several processes, one seed each)."""
     table = {m: {k: claims.spread(r[k] for r in rows).as_dict() for k in KEYS} for m, rows in per.items()}
-    out = {"per_seed": per, "table": table, "seeds": seeds, "config": dataclasses.asdict(cfg0)}
+    out = {"per_seed": per, "table": table, "seeds": list(seeds), "config": config}
     out["chosen_rises"] = {m: claims.holds(r["dlw"] > 0 for r in rows).as_dict() for m, rows in per.items()}
     if "dpo" in per:
         out["dpo_chosen_falls"] = claims.holds(r["dlw"] < 0 for r in per["dpo"]).as_dict()
