@@ -71,19 +71,39 @@ def _one_seed(seed: int, methods: tuple) -> dict:
     return mitigation_study([seed], methods=methods)
 
 
-def _mitigation_by_seed(seeds, methods, workers: int) -> dict:
+def _mitigation_by_seed(seeds, methods, workers: int, parts_dir: Path) -> dict:
     """One fresh process per seed: the trainer's measurements keep about 0.1-0.4 GB per run alive
-    in a process (the probe's tensor hooks), which ran a 10-seed study out of memory."""
+    in a process (the probe's tensor hooks), which ran a 10-seed study out of memory. Each seed's
+    rows are written to ``parts_dir`` as soon as it finishes (``--from-parts`` merges them)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from gesim.methods.mitigation import tabulate
-
+    parts_dir.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, max_tasks_per_child=1) as pool:
-        parts = list(pool.map(_one_seed, seeds, [methods] * len(seeds)))
-    per = {m: [row for part in parts for row in part["per_seed"][m]] for m in methods}
-    return tabulate(per, seeds, parts[0]["config"] | {"seed": list(seeds)})
+        jobs = {pool.submit(_one_seed, s, methods): s for s in seeds}
+        for job in as_completed(jobs):
+            (parts_dir / f"seed-{jobs[job]}.json").write_text(json.dumps(job.result(), default=float))
+            print(f"seed {jobs[job]} done", file=sys.stderr, flush=True)
+    return _merge(parts_dir, seeds)
+
+
+def _merge(parts_dir: Path, seeds=None) -> dict:
+    """The study from the per-seed files in ``parts_dir`` (those of ``seeds``, or all there)."""
+    from gesim.errors import GesimError
+    from gesim.methods.mitigation import tabulate
+
+    files = {int(f.stem.split("-", 1)[1]): f for f in parts_dir.glob("seed-*.json")}
+    seeds = sorted(files) if seeds is None else list(seeds)
+    missing = [s for s in seeds if s not in files]
+    if missing or not seeds:
+        raise GesimError(f"no per-seed results in {parts_dir} for seeds {missing or 'any'}")
+    parts = [json.loads(files[s].read_text()) for s in seeds]
+    methods = list(parts[0]["per_seed"])
+    if any(list(p["per_seed"]) != methods for p in parts):
+        raise GesimError(f"the per-seed files in {parts_dir} were run with different methods")
+    per = {m: [row for p in parts for row in p["per_seed"][m]] for m in methods}
+    return tabulate(per, seeds, parts[0]["config"] | {"seed": seeds})
 
 
 def main(argv=None) -> int:
@@ -95,6 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0-9", help="e.g. 0-9 or 0,3,7 (default 0-9)")
     p.add_argument("--methods", default=None, help="mitigation study: comma-separated methods (default all)")
     p.add_argument("--workers", type=int, default=1, help="mitigation study: seeds run in parallel (default 1)")
+    p.add_argument("--from-parts", action="store_true",
+                   help="mitigation study: merge the per-seed files already written next to --out (no new runs)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/<study>_study.json)")
     args = p.parse_args(argv)
     try:
@@ -108,7 +130,9 @@ def main(argv=None) -> int:
             from gesim.methods.mitigation import METHODS
 
             methods = tuple(args.methods.split(",")) if args.methods else METHODS
-            out = _mitigation_by_seed(seeds, methods, args.workers)
+            path = Path(args.out) if args.out else RESULTS / "mitigation_study.json"
+            parts = path.with_suffix(".parts")
+            out = _merge(parts) if args.from_parts else _mitigation_by_seed(seeds, methods, args.workers, parts)
             text = mitigation_table(out)
     except GesimError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -160,7 +160,7 @@ def alignment_tax_pareto(ctx):
     cfg = preset(model=dataclasses.replace(model, device=ctx.device))
     out = tax_study(cfg, seeds=_seeds(ctx, "alignment_tax_pareto"))
     per, summ = out["per_seed"], out["summary"]
-    fig, (ax, bx) = plotting.figure(1, 2, width=13, height=4.8)
+    fig, (ax, bx) = plotting.figure(1, 2, width=13, height=5.6)
     omos = [k for k in per[0] if k.startswith("omo_")]
     styles = [("early_stopping", "o-", "k"), ("model_averaging", "s-", "#2e86ab"), ("hma", "D--", "#f18f01")]
     colors = plotting.matplotlib.colormaps["viridis"](np.linspace(0.1, 0.9, max(len(omos), 1)))
@@ -188,7 +188,7 @@ def alignment_tax_pareto(ctx):
     ax.set(xlabel="tax: held-out SFT suffix NLL - SFT model's (nats/token)",
            ylabel="reward: P(response opens with 'rated')", ylim=(-0.05, 1.05),
            title="mean paths; whiskers: 95% t intervals (last steps; star: end point)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: over no data
     groups = [("avg - ES", summ["avg_vs_es"]), ("HMA - avg", summ["hma_vs_avg"]), ("OMO - AdamW", summ["omo_vs_adamw"])]
     labels, x = [], 0
     for gi, (g, table) in enumerate(groups):
@@ -205,7 +205,7 @@ def alignment_tax_pareto(ctx):
     up, last = summ["reward_rises"], summ["last_reward_rises"]
     fig.suptitle(f"AdamW DPO's end point (best validation reward, step {summ['end_step']['mean']:.0f} on average) "
                  f"raises the reward from {r0['mean']:.2f} to {r1['mean']:.2f} (clearly in {up['k']}/{up['n']} seeds; "
-                 f"the last step in {last['k']}/{last['n']}) at a tax of {tx['mean']:+.2f} nats/token; "
-                 f"means with 95% t intervals over {g['n']} seeds", fontsize=9)
+                 f"the last step in {last['k']}/{last['n']})\nat a tax of {tx['mean']:+.2f} nats/token; "
+                 f"means with 95% t intervals over {g['n']} seeds", fontsize=10)
     fig.tight_layout()
     return fig, out
