@@ -65,13 +65,13 @@ def mitigation_table(out: dict) -> str:
     return "\n".join(rows)
 
 
-def _one_seed(seed: int, methods: tuple) -> dict:
+def _one_seed(seed: int, methods: tuple, overrides: dict) -> dict:
     from gesim.methods.mitigation import mitigation_study
 
-    return mitigation_study([seed], methods=methods)
+    return mitigation_study([seed], methods=methods, **overrides)
 
 
-def _mitigation_by_seed(seeds, methods, workers: int, parts_dir: Path) -> dict:
+def _mitigation_by_seed(seeds, methods, workers: int, parts_dir: Path, overrides: dict) -> dict:
     """One fresh process per seed: the trainer's measurements keep about 0.1-0.4 GB per run alive
     in a process (the probe's tensor hooks), which ran a 10-seed study out of memory. Each seed's
     rows are written to ``parts_dir`` as soon as it finishes (``--from-parts`` merges them)."""
@@ -81,7 +81,7 @@ def _mitigation_by_seed(seeds, methods, workers: int, parts_dir: Path) -> dict:
     parts_dir.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=ctx, max_tasks_per_child=1) as pool:
-        jobs = {pool.submit(_one_seed, s, methods): s for s in seeds}
+        jobs = {pool.submit(_one_seed, s, methods, overrides): s for s in seeds}
         for job in as_completed(jobs):
             (parts_dir / f"seed-{jobs[job]}.json").write_text(json.dumps(job.result(), default=float))
             print(f"seed {jobs[job]} done", file=sys.stderr, flush=True)
@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("study", choices=("tax", "mitigation"))
     p.add_argument("--seeds", default="0-9", help="e.g. 0-9 or 0,3,7 (default 0-9)")
     p.add_argument("--methods", default=None, help="mitigation study: comma-separated methods (default all)")
+    p.add_argument("--lr", type=float, default=None, help="mitigation study: the preference lr (default: its config's)")
+    p.add_argument("--steps", type=int, default=None, help="mitigation study: preference steps (default: its config's)")
     p.add_argument("--workers", type=int, default=1, help="mitigation study: seeds run in parallel (default 1)")
     p.add_argument("--from-parts", action="store_true",
                    help="mitigation study: merge the per-seed files already written next to --out (no new runs)")
@@ -130,9 +132,11 @@ def main(argv=None) -> int:
             from gesim.methods.mitigation import METHODS
 
             methods = tuple(args.methods.split(",")) if args.methods else METHODS
+            overrides = {k: v for k, v in (("lr", args.lr), ("pref_steps", args.steps)) if v is not None}
             path = Path(args.out) if args.out else RESULTS / "mitigation_study.json"
             parts = path.with_suffix(".parts")
-            out = _merge(parts) if args.from_parts else _mitigation_by_seed(seeds, methods, args.workers, parts)
+            out = _merge(parts) if args.from_parts else _mitigation_by_seed(seeds, methods, args.workers, parts,
+                                                                                 overrides)
             text = mitigation_table(out)
     except GesimError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -45,7 +45,7 @@ def _bars(ax, spreads, offset, width, color, label, per_seed=None):
 
 
 @figure("mitigation_regimes",
-        "Small GPT after SFT on long-suffix pairs, AdamW (lr 1e-4, 40 steps) where plain DPO lowers the chosen "
+        "Small GPT after SFT on long-suffix pairs, AdamW (lr 3e-4, 40 steps) where plain DPO lowers the chosen "
         "log-prob: realised changes of chosen / rejected log-probs, ideal-regime fraction and margin change per "
         "method, means with 95% intervals over seeds")
 def mitigation_regimes(ctx):
