@@ -39,13 +39,14 @@ def config(seed: int = 0, device: str = "cpu", fast: bool = True, **overrides):
     The step size, by a rule on DPO's own objective: the smallest lr of {1e-4, 3e-4, 1e-3} at
     which the eval margin grows in every seed (0-9) by more than 0.2 nats, the size of the
     common-mode drift of a run in which DPO has not started. Measured (DPO, 40 steps, seeds 0-9,
-    one thread): at 1e-4 the margin grows by only 0.03-0.06 nats in seeds 0, 3, 4, whose SFT
+    one thread): at 1e-4 the margin grows by only 0.026-0.055 nats in seeds 0, 3, 4, whose SFT
     models label at chance (lw = ll to 0.1 nats), and the chosen log-prob's change there is a
     common-mode drift of the 29 shared tokens whose sign is a coin flip (seed 4: +0.18 nats,
     chosen and rejected both up): the chosen falls in 9/10 seeds. At 3e-4 the margin grows by
     0.26-17 nats in every seed and the chosen falls in 10/10 (by 3-24 nats); at 1e-3 the
     log-probs collapse (chosen -34 to -83 nats) and seed 4's margin falls. (SGD at lr 0.1 let
-    the chosen rise in one of seven seeds and diverged in two.)
+    the chosen rise in one of seven seeds and diverged in two.) Numbers:
+    ``bench/results/mitigation_dpo_lr_sweep.json``.
     """
     from gesim.transformer.train import TrainConfig
 
