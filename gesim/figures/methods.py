@@ -45,7 +45,7 @@ def _bars(ax, spreads, offset, width, color, label, per_seed=None):
 
 
 @figure("mitigation_regimes",
-        "Small GPT after SFT on long-suffix pairs, AdamW (lr 1e-4, 40 steps) where plain DPO lowers the chosen "
+        "Small GPT after SFT on long-suffix pairs, AdamW (lr 3e-4, 40 steps) where plain DPO lowers the chosen "
         "log-prob: realised changes of chosen / rejected log-probs, ideal-regime fraction and margin change per "
         "method, means with 95% intervals over seeds")
 def mitigation_regimes(ctx):
@@ -145,7 +145,8 @@ def _mean_path(runs, key="step"):
 @figure("alignment_tax_pareto",
         "Pretrain -> SFT -> DPO on the small GPT, preference for responses opening with 'rated': reward "
         "(P(opener = rated) on held-out reviews) against tax (SFT suffix NLL increase) for early stopping, model "
-        "averaging, HMA and OMO; and the three seed-paper claims as differences at equal tax, over seeds")
+        "averaging, HMA and OMO, the AdamW end point chosen on validation reviews; and the three seed-paper claims "
+        "as differences at equal tax, over seeds")
 def alignment_tax_pareto(ctx):
     from gesim import plotting
     from gesim.methods.harness import TaxConfig
@@ -159,7 +160,7 @@ def alignment_tax_pareto(ctx):
     cfg = preset(model=dataclasses.replace(model, device=ctx.device))
     out = tax_study(cfg, seeds=_seeds(ctx, "alignment_tax_pareto"))
     per, summ = out["per_seed"], out["summary"]
-    fig, (ax, bx) = plotting.figure(1, 2, width=13, height=4.8)
+    fig, (ax, bx) = plotting.figure(1, 2, width=13, height=5.6)
     omos = [k for k in per[0] if k.startswith("omo_")]
     styles = [("early_stopping", "o-", "k"), ("model_averaging", "s-", "#2e86ab"), ("hma", "D--", "#f18f01")]
     colors = plotting.matplotlib.colormaps["viridis"](np.linspace(0.1, 0.9, max(len(omos), 1)))
@@ -176,10 +177,18 @@ def alignment_tax_pareto(ctx):
             ax.errorbar(tax[i].mean, rew[i].mean, xerr=[[tax[i].mean - tax[i].lo], [tax[i].hi - tax[i].mean]],
                         yerr=[[rew[i].mean - rew[i].lo], [rew[i].hi - rew[i].mean]], fmt="none", elinewidth=0.7,
                         capsize=2, color=color, alpha=0.85)
+    # the AdamW end point of each seed (best validation reward), mean and intervals over seeds
+    from gesim import claims
+
+    end_pts = [s["early_stopping"][s["end"]] for s in per]
+    et, er = claims.spread(p["tax"] for p in end_pts), claims.spread(p["reward"] for p in end_pts)
+    ax.errorbar(et.mean, er.mean, xerr=[[et.mean - et.lo], [et.hi - et.mean]],
+                yerr=[[er.mean - er.lo], [er.hi - er.mean]], fmt="*", ms=12, mfc="none", color="#d1495b",
+                capsize=3, elinewidth=0.9, zorder=5, label="AdamW end point (best validation reward)")
     ax.set(xlabel="tax: held-out SFT suffix NLL - SFT model's (nats/token)",
            ylabel="reward: P(response opens with 'rated')", ylim=(-0.05, 1.05),
-           title="mean paths; whiskers: 95% t intervals (path end points)")
-    ax.legend(fontsize=6, ncol=2)
+           title="mean paths; whiskers: 95% t intervals (last steps; star: end point)")
+    ax.legend(fontsize=6, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: over no data
     groups = [("avg - ES", summ["avg_vs_es"]), ("HMA - avg", summ["hma_vs_avg"]), ("OMO - AdamW", summ["omo_vs_adamw"])]
     labels, x = [], 0
     for gi, (g, table) in enumerate(groups):
@@ -193,8 +202,10 @@ def alignment_tax_pareto(ctx):
     bx.axhline(0, color="0.5", lw=0.8)
     bx.set(ylabel="reward difference at equal tax", title="seed-paper claims (> 0: the claim holds)")
     g, r0, r1, tx = summ["end_reward_gain"], summ["sft_reward"], summ["end_reward"], summ["end_tax"]
-    fig.suptitle(f"DPO raises the reward from {r0['mean']:.2f} to {r1['mean']:.2f} "
-                 f"(gain > 0.05 in {summ['reward_rises']['k']}/{summ['reward_rises']['n']} seeds) "
-                 f"at a tax of {tx['mean']:+.2f} nats/token; means with 95% t intervals over {g['n']} seeds")
+    up, last = summ["reward_rises"], summ["last_reward_rises"]
+    fig.suptitle(f"AdamW DPO's end point (best validation reward, step {summ['end_step']['mean']:.0f} on average) "
+                 f"raises the reward from {r0['mean']:.2f} to {r1['mean']:.2f} (clearly in {up['k']}/{up['n']} seeds; "
+                 f"the last step in {last['k']}/{last['n']})\nat a tax of {tx['mean']:+.2f} nats/token; "
+                 f"means with 95% t intervals over {g['n']} seeds", fontsize=10)
     fig.tight_layout()
     return fig, out

@@ -3,7 +3,10 @@ seed-paper claims, each with its 95% interval and "holds in k/n seeds" (:mod:`ge
 
 Per seed (:func:`tax_seed`, on the harness of :mod:`gesim.methods.harness`):
 
-* **early stopping**: the AdamW DPO path, evaluated every ``record_every`` steps;
+* **early stopping**: the AdamW DPO path, evaluated every ``record_every`` steps; its **end
+  point** theta_AdamW (the aligned model) is the checkpoint with the highest reward on the
+  validation reviews (``TaxConfig.end_point``, :func:`gesim.methods.harness.end_index`; the
+  harness's docstring says why not the last step), and the study reports the last step too;
 * **model averaging**: theta(a) = (1 - a) theta_r + a theta_AdamW for ``ratios`` (a weights the
   aligned model, :mod:`gesim.methods.averaging`);
 * **HMA** at the same mean ratios, fitted on the aligned model's own high-reward samples;
@@ -19,6 +22,12 @@ Claims, per seed (Lin et al. 2024; Lu et al. 2024; docs/theory.md sections 6.5-6
    (the raw differences of reward and tax at the same a are reported too);
 3. OMO beats AdamW at equal tax: the best reward of the OMO path with tax <= the AdamW end
    point's tax, minus early stopping's best reward under the same cap, > 0.
+
+Both fronts and caps use every recorded checkpoint of a path (early stopping's past its end
+point too), so a comparison is never made against a truncated AdamW path. The setting's own
+check, "the AdamW end point's reward is clearly above the SFT model's", is ``reward_rises``:
+the gain is > 0.05 and > 3 standard errors (the two models' ``reward_se`` over the test
+reviews, added).
 
 Every run pins torch to one thread (restored afterwards), so the numbers do not depend on the
 machine's thread count.
@@ -66,14 +75,33 @@ def _with_tax(points, start):
             for p in points]
 
 
+def adamw_path(model, cfg: harness.TaxConfig, held: dict, seed: int) -> tuple[list[dict], int]:
+    """AdamW DPO from ``model`` (trained in place): its path, every point with its validation
+    reward, and the index of its end point (``cfg.end_point``); ``model`` is left at the end
+    point's parameters."""
+    val = harness.heldout(cfg, seed, split="val")
+    states = []
+
+    def keep(step, m):  # the validation reward of every checkpoint, and its state
+        states.append({n: p.detach().clone() for n, p in m.named_parameters()})
+        return {"val_reward": harness.evaluate(m, val)["reward"]}
+
+    path = harness.prefer(model, cfg, held, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0),
+                          seed, on_record=keep)
+    end = harness.end_index(path, cfg.end_point)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(states[end][n])
+    return path, end
+
+
 def _runs(cfg: harness.TaxConfig, seed: int) -> dict:
     model, base, held = harness.stages(cfg, seed)
     theta_r = {n: p.detach().clone() for n, p in model.named_parameters()}
     start = harness.evaluate(model, held)
     runs = {}
     aligned = copy.deepcopy(model)
-    runs["early_stopping"] = harness.prefer(aligned, cfg, held, torch.optim.AdamW(
-        aligned.parameters(), lr=cfg.lr, weight_decay=0.0), seed)
+    runs["early_stopping"], end = adamw_path(aligned, cfg, held, seed)
     theta = {n: p.detach().clone() for n, p in aligned.named_parameters()}
     probe = copy.deepcopy(model)
 
@@ -97,6 +125,7 @@ def _runs(cfg: harness.TaxConfig, seed: int) -> dict:
                 runs[omo_name(method, p, r)] = harness.prefer(run_model, cfg, held, opt, seed)
     out = {name: _with_tax(points, start) for name, points in runs.items()}
     out["start"] = start
+    out["end"] = end
     out["n_hma_samples"] = len(ids)
     return out
 
@@ -110,14 +139,16 @@ def tax_seed(cfg: harness.TaxConfig, seed: int) -> dict:
     finally:
         torch.set_num_threads(n)
     es, avg = out["early_stopping"], out["model_averaging"]
-    cap = es[-1]["tax"]
+    e, s0 = es[out["end"]], out["start"]
+    cap = e["tax"]
     omos = [k for k in out if k.startswith("omo_")]
     inner = [p for p in avg if 0 < p["a"] < 1]
     by_a = {p["a"]: p for p in avg}
     out["seed"] = seed
     out["compare"] = {
-        "end_reward_gain": es[-1]["reward"] - out["start"]["reward"], "end_tax": cap,
-        "end_pretrain_tax": es[-1]["pretrain_tax"],
+        "end_step": e["step"], "end_reward_gain": e["reward"] - s0["reward"],
+        "end_reward_se": e["reward_se"] + s0["reward_se"], "end_tax": cap, "end_pretrain_tax": e["pretrain_tax"],
+        "last_reward_gain": es[-1]["reward"] - s0["reward"], "last_tax": es[-1]["tax"],
         "best_reward_at_tax": {k: best_within(out[k], cap)
                                for k in ["early_stopping", "model_averaging", "hma"] + omos},
         "avg_vs_es": {p["a"]: p["reward"] - front_at(es, p["tax"]) for p in inner},
@@ -146,15 +177,22 @@ def summarise(per_seed: list[dict]) -> dict:
     c = lambda k: [s["compare"][k] for s in per_seed]  # noqa: E731
     best = {k: claims.spread(b[k] for b in c("best_reward_at_tax")).as_dict()
             for k in per_seed[0]["compare"]["best_reward_at_tax"]}
+    end = [s["early_stopping"][s["end"]] for s in per_seed]
+    clearly = [s["compare"]["end_reward_gain"] > max(0.05, 3 * s["compare"]["end_reward_se"])
+               for s in per_seed]
     return {
         "seeds": [s["seed"] for s in per_seed],
         "sft_reward": claims.spread(s["start"]["reward"] for s in per_seed).as_dict(),
-        "end_reward": claims.spread(s["early_stopping"][-1]["reward"] for s in per_seed).as_dict(),
-        "end_sampled_reward": claims.spread(s["early_stopping"][-1]["sampled_reward"] for s in per_seed).as_dict(),
-        "end_margin_change": claims.spread(s["early_stopping"][-1]["margin"] - s["start"]["margin"]
-                                           for s in per_seed).as_dict(),
+        "end_step": claims.spread(p["step"] for p in end).as_dict(),
+        "end_reward": claims.spread(p["reward"] for p in end).as_dict(),
+        "end_sampled_reward": claims.spread(p["sampled_reward"] for p in end).as_dict(),
+        "end_margin_change": claims.spread(p["margin"] - s["start"]["margin"] for p, s in zip(end, per_seed)).as_dict(),
+        "end_lw_change": claims.spread(p["lw"] - s["start"]["lw"] for p, s in zip(end, per_seed)).as_dict(),
         "end_reward_gain": claims.spread(c("end_reward_gain")).as_dict(),
-        "reward_rises": claims.holds(g > 0.05 for g in c("end_reward_gain")).as_dict(),
+        "reward_rises": claims.holds(clearly).as_dict(),
+        "last_reward": claims.spread(s["early_stopping"][-1]["reward"] for s in per_seed).as_dict(),
+        "last_reward_gain": claims.spread(c("last_reward_gain")).as_dict(),
+        "last_reward_rises": claims.holds(g > 0.05 for g in c("last_reward_gain")).as_dict(),
         "end_tax": claims.spread(c("end_tax")).as_dict(),
         "end_pretrain_tax": claims.spread(c("end_pretrain_tax")).as_dict(),
         "tax_positive": claims.holds(t > 0 for t in c("end_tax")).as_dict(),
