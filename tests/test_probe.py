@@ -227,3 +227,23 @@ def test_dora_is_refused_by_name():
                                                                          target_modules=["q_proj"]))
     with pytest.raises(GesimError, match=r"q_proj\.lora_A\.default \(Linear\) is called on an input that does not"):
         probe.pair_stats(m, _batch(2), "lora")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fast_probe_keeps_no_tensor_alive_after_the_call(arch):
+    """The hooks' closures hold the engine and the hooked tensors' autograd nodes hold the hooks:
+    a reference cycle through C++ that gc cannot collect. Measured before the fix: 23 tensors
+    (the captured activations) leaked per call, ~0.36 GB per trainer run."""
+    import gc
+
+    m, b = _model(arch), _batch(3)
+    probe.pair_stats(m, b)  # warm-up: lazily created module state
+
+    def alive():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    start = alive()
+    for _ in range(3):
+        probe.pair_stats(m, b)
+    assert alive() == start

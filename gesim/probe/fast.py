@@ -122,6 +122,7 @@ class _Engine:
         first = chosen[0][1]
         self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
         self.products = _Products(pairs, N, self.dtype, first.device)
+        self.tensor_hooks = []  # handles of the hooks on hooked outputs, removed after the backward
         self.named = dict(model.named_modules())
         self.owner = defaultdict(set)  # id(param) -> names of the modules whose calls it is differentiated through
         for mname, module in self.named.items():
@@ -213,7 +214,7 @@ class _Engine:
                     target = leaf if isinstance(mod, torch.nn.Embedding) else out
                     if self.copy_outputs and target is out and out is output:
                         out = output.clone()  # the model may update it in place; the hook stays on the original
-                    target.register_hook(lambda g, use=use: self._on_grad(use, g))
+                    self.tensor_hooks.append(target.register_hook(lambda g, use=use: self._on_grad(use, g)))
                     self.watched_outputs.append((target, target._version))
             return out if out is not output else None
         return hook
@@ -349,6 +350,13 @@ class _Engine:
         finally:
             for p, flag in saved.items():
                 p.requires_grad_(flag)
+            # The hooks' closures hold this engine and the engine holds the hooked tensors, whose
+            # autograd nodes hold the hooks: a cycle through C++ that Python's collector cannot
+            # see. Removing the hooks breaks it (else every call leaked its captured activations).
+            for h in self.tensor_hooks:
+                h.remove()
+            self.tensor_hooks.clear()
+            self.watched_outputs = []
         used = {k[1] for k in self.n_uses if isinstance(k, tuple)}
         unused = [name for pid, name in self.selected.items() if pid not in used]
         if unused:
