@@ -329,6 +329,11 @@ class Recorder:
         if missed:
             raise GesimError("telemetry: parameters received a gradient through no module the layer rules cover "
                              "(used functionally?): " + ", ".join(sorted(missed)))
+        lost = [u.name for u in self.uses if u.rule.streaming and not u.extra.get("consumed") and any(
+            self.n_uses[("p", id(p))] == 1 and id(p) in self.fired for p in u.roles.values())]
+        if lost:  # e.g. an output updated in place through a view: its hook never fires
+            raise GesimError("telemetry: no output gradient reached " + ", ".join(lost) + " though its parameters "
+                             "received a gradient; its share would be missing")
         for pid in list(self.pending):  # tied uses whose output received no gradient: zero
             p = self.params[pid]
             for u in self.uses:
