@@ -82,14 +82,14 @@ def test_head_closed_form_by_hand():
     g = torch.Generator().manual_seed(3)
     H = torch.randn(5, 4, generator=g, dtype=torch.float64)
     W = torch.randn(9, 4, generator=g, dtype=torch.float64)
-    y = torch.tensor([1, 3, 1, 8, 0])
-    lse, pW, PP, Py, _ = tokens._head_pass(H, W, None, y, None)
-    p = torch.softmax(H @ W.T, -1)
-    G = torch.stack([torch.outer(torch.nn.functional.one_hot(y[k], 9).double() - p[k], H[k]) for k in range(5)])
+    y, U = torch.tensor([1, 3, 1, 8, 0]), torch.tensor([0, 2, 3])
+    lse, qW, QQ, qU = tokens._head_pass(H, W, None, y, U)
+    q = torch.nn.functional.one_hot(y, 9).double() - torch.softmax(H @ W.T, -1)
+    G = torch.stack([torch.outer(q[k], H[k]) for k in range(5)])
     want = torch.einsum("kvd,lvd->kl", G, G)
-    D = (y[:, None] == y[None, :]).double() - Py - Py.T + PP
-    assert torch.allclose((H @ H.T) * D, want, rtol=1e-12, atol=1e-14)
-    assert torch.allclose(pW, p @ W, rtol=1e-12) and torch.allclose(lse, torch.logsumexp(H @ W.T, -1))
+    assert torch.allclose((H @ H.T) * QQ, want, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(qW, q @ W, rtol=1e-12) and torch.allclose(lse, torch.logsumexp(H @ W.T, -1))
+    assert torch.allclose(qU, q[:, U], rtol=1e-12)
 
 
 def test_api_token_gram_uses_the_fast_path_and_refuses_a_post_processed_head():
@@ -141,3 +141,26 @@ def test_lora_subset_and_a_row_without_response_tokens(arch):
     pm = peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules=targets, lora_dropout=0.0,
                                                 fan_in_fan_out=arch == "gpt2", init_lora_weights=False))
     assert _gap(pm, ids, mask, "lora") < RTOL
+
+
+def test_token_gram_of_a_confident_model_in_float32_is_exact_to_rounding():
+    """Where p_k[y_k] is near 1 the head's factor 1 - p_k[y_l] - p_l[y_k] + <p_k, p_l> and the
+    cotangent W_y - p @ W cancel catastrophically in float32 (found on an SFT model: token
+    cosines off by 2e-3; here 0.34 before the fix); the fast path sums q = e_y - p, with
+    1 - p_k[y_k] as the sum of the other probabilities. Truth: the per-token loop in float64
+    (the loop in float32 is off by about 3e-5 here)."""
+    torch.manual_seed(0)
+    m = _own_gpt(True).float()
+    with torch.no_grad():
+        m.ln_f.weight.mul_(50.0)  # peaked softmax: a confident model
+    ids = torch.randint(3, 51, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # greedy continuation from position 8: every response token is the argmax
+        for t in range(8, 24):
+            ids[:, t] = m(ids[:, :t])[:, -1].argmax(-1)
+        p_y = torch.softmax(m(ids)[:, 7:-1], -1).gather(-1, ids[:, 8:, None])
+    assert float(p_y.median()) > 0.95  # the case the test is about
+    mask = torch.zeros_like(ids)
+    mask[:, 8:] = 1
+    truth = probe.token_gram(m.double(), ids, mask, backend="reference").cos()
+    fast = probe.token_gram(m.float(), ids, mask, backend="fast").cos().double()
+    assert float((fast - truth).abs().max()) < 2e-6
