@@ -351,6 +351,7 @@ def close(x: torch.Tensor, y: torch.Tensor) -> bool:
     if x.shape != y.shape:
         return False
     tol = {torch.float64: 1e-6, torch.float32: 1e-4}.get(x.dtype, 2e-2)  # float64 models may round parts in float32
+    x, y = x.detach(), y.detach()
     return bool(torch.allclose(x, y.to(x.dtype), rtol=tol, atol=tol * float(y.abs().max().clamp_min(1e-30))))
 
 
