@@ -220,8 +220,8 @@ def _head_pass(H, W, b, y, U, need_pw=True):
         m_new = torch.maximum(m, z.max(1).values)
         scale = torch.exp(m - m_new)
         e = torch.exp(z - m_new[:, None])
-        cols = torch.arange(v0, v0 + z.shape[1], device=H.device)
-        e = e.masked_fill(y[:, None] == cols[None, :], 0.0)  # off the token's own column
+        k = ((y >= v0) & (y < v0 + z.shape[1])).nonzero().squeeze(1)
+        e[k, y[k] - v0] = 0.0  # off the token's own column
         s_off = s_off * scale + e.sum(1)
         if need_pw:
             eW = eW * scale[:, None] + e @ Wc
