@@ -81,6 +81,15 @@ class Holds:
     def as_dict(self) -> dict:
         return {"k": self.k, "n": self.n, "per_seed": list(self.per_seed)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Holds:
+        """The inverse of :meth:`as_dict` (a saved figure's JSON); checks k against the flags."""
+        flags = tuple(bool(v) for v in d["per_seed"])
+        if sum(flags) != d["k"] or len(flags) != d["n"]:
+            raise GesimError(f"a saved claim says {d['k']}/{d['n']} but its per-seed flags give "
+                             f"{sum(flags)}/{len(flags)}")
+        return cls(d["k"], d["n"], flags)
+
     def __str__(self) -> str:
         return f"{self.k}/{self.n}"
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from gesim.claims import holds, parse_seeds, spread
+from gesim.claims import Holds, holds, parse_seeds, spread
 from gesim.errors import GesimError
 
 
@@ -54,3 +54,10 @@ def test_parse_seeds(text, seeds):
 def test_parse_seeds_refuses_bad_lists(text):
     with pytest.raises(GesimError):
         parse_seeds(text)
+
+
+def test_holds_round_trips_through_its_dict_and_refuses_a_wrong_count():
+    h = holds([1, 0, 1])
+    assert Holds.from_dict(h.as_dict()) == h and str(h) == "2/3"
+    with pytest.raises(GesimError, match="per-seed flags give 2/3"):
+        Holds.from_dict({"k": 3, "n": 3, "per_seed": [True, False, True]})
