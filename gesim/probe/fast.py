@@ -24,7 +24,6 @@ float64 for float64 models (docs/theory.md section 8.6: never a bf16 Gram).
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 
 import torch
@@ -36,6 +35,7 @@ from gesim.probe.layers import (
     EmbeddingRule,
     LinearRule,
     RowRule,
+    RuleHost,
     Use,
     gather_head,
     rowdot,
@@ -110,7 +110,7 @@ class _Products:
 CONTAINERS = (torch.nn.ParameterDict, torch.nn.ParameterList, torch.nn.ModuleDict, torch.nn.ModuleList)
 
 
-class _Engine:
+class _Engine(RuleHost):
     """Hooks, one forward, one backward; fills a :class:`_Products`."""
 
     def __init__(self, model, select, N, pairs, precond=None):
@@ -154,24 +154,6 @@ class _Engine:
                 rule = ElementwiseRule()
             out[mname] = (module, rule, roles)
         return out
-
-    @contextlib.contextmanager
-    def replaying(self):
-        """Re-runs of a module by a rule: no hook records anything."""
-        old, self._replay = self._replay, True
-        try:
-            yield
-        finally:
-            self._replay = old
-
-    def detached(self, x):
-        if isinstance(x, torch.Tensor):
-            return x.detach()
-        if isinstance(x, (tuple, list)):
-            return type(x)(self.detached(v) for v in x) if not hasattr(x, "_fields") else x
-        if isinstance(x, dict):
-            return {k: self.detached(v) for k, v in x.items()}
-        return x
 
     # -- forward ---------------------------------------------------------------------------
     def _forward_hook(self, mname, rule0, roles):

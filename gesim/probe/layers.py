@@ -22,6 +22,7 @@ alone does not reproduce its row in the batch is refused with its name.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +90,32 @@ class Use:
     a: object = None
     b: object = None
     extra: dict = field(default_factory=dict)
+
+
+class RuleHost:
+    """What the rules read from the engine driving them (the probe, the training recorder, the
+    token Gram): ``replaying()``, a block in which re-runs of a module by a rule are not
+    recorded (``_replay``), and ``detached(x)``, x's tensors detached through tuples, lists and
+    dicts (named tuples are left as they are)."""
+
+    _replay = False
+
+    @contextlib.contextmanager
+    def replaying(self):
+        old, self._replay = self._replay, True
+        try:
+            yield
+        finally:
+            self._replay = old
+
+    def detached(self, x):
+        if isinstance(x, torch.Tensor):
+            return x.detach()
+        if isinstance(x, (tuple, list)) and not hasattr(x, "_fields"):
+            return type(x)(self.detached(v) for v in x)
+        if isinstance(x, dict):
+            return {k: self.detached(v) for k, v in x.items()}
+        return x
 
 
 class Rule:

@@ -31,6 +31,7 @@ from gesim.probe.layers import (
     LayerNormRule,
     LinearRule,
     RowRule,
+    RuleHost,
     Use,
     gather_head,
     rule_for,
@@ -63,7 +64,7 @@ def owners(model, selected: dict) -> dict:
     return own
 
 
-class Recorder:
+class Recorder(RuleHost):
     """Hooks for one record block. ``N``, ``T``, ``dtype``, ``looked_up``, ``detached``,
     ``replaying``, ``escaped``, ``copy_outputs``, ``watched_outputs``: what the probe's rules
     read from their engine."""
@@ -93,23 +94,6 @@ class Recorder:
         self._replay, self.copy_outputs = False, True  # RowRule: a copy of each output, never a view
 
     # -- what the rules read -------------------------------------------------------------
-    @contextlib.contextmanager
-    def replaying(self):
-        old, self._replay = self._replay, True
-        try:
-            yield
-        finally:
-            self._replay = old
-
-    def detached(self, x):
-        if isinstance(x, torch.Tensor):
-            return x.detach()
-        if isinstance(x, (tuple, list)):
-            return type(x)(self.detached(v) for v in x) if not hasattr(x, "_fields") else x
-        if isinstance(x, dict):
-            return {k: self.detached(v) for k, v in x.items()}
-        return x
-
     # -- one block -----------------------------------------------------------------------
     @contextlib.contextmanager
     def block(self, chosen_rows, rejected_rows):

@@ -46,14 +46,13 @@ and parameters used outside their module, are refused with a GesimError (``token
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 
 import torch
 
 from gesim import lm
 from gesim.errors import GesimError
-from gesim.probe.layers import ElementwiseRule, Use, close, rule_for
+from gesim.probe.layers import ElementwiseRule, RuleHost, Use, close, rule_for
 from gesim.probe.reference import selected_named
 
 CHUNK = 1 << 21  # elements of one (tokens x vocabulary) chunk of logits
@@ -65,29 +64,11 @@ class _Stop(Exception):
     """Raised by the head's pre-hook: the row's forward ends at the head's input."""
 
 
-class _Shim:
+class _Shim(RuleHost):
     """What :class:`ElementwiseRule` needs from an engine, for one row."""
 
     def __init__(self, T, dtype):
         self.N, self.T, self.dtype, self._replay = 1, T, dtype, False
-
-    @contextlib.contextmanager
-    def replaying(self):
-        old, self._replay = self._replay, True
-        try:
-            yield
-        finally:
-            self._replay = old
-
-    def detached(self, x):
-        if isinstance(x, torch.Tensor):
-            return x.detach()
-        if isinstance(x, (tuple, list)) and not hasattr(x, "_fields"):
-            return type(x)(self.detached(v) for v in x)
-        if isinstance(x, dict):
-            return {k: self.detached(v) for k, v in x.items()}
-        return x
-
 
 def linear_gram_flops(M, N, T, d_in, d_out) -> dict:
     """FLOPs of the two exact forms of one linear layer's full (M, M) token Gram (module docstring)."""
@@ -295,7 +276,7 @@ def fast_token_gram(model, ids, mask, select="all"):
             Wd = W.detach().to(dtype)
             bias = head.bias.detach().to(dtype) if head.bias is not None else None
             emb_ids = _embedding_ids(W, caps)
-            lse, cot, D, qU = _head_pass(Hm, Wd, bias, y, emb_ids, need_pw=bool(plan))
+            _, cot, D, qU = _head_pass(Hm, Wd, bias, y, emb_ids, need_pw=bool(plan))
             # cot = W^T (e_y - p): d log p_k / d h at position t-1; D = <q_k, q_l>
             K = torch.zeros(len(index), len(index), dtype=dtype, device=Hm.device)
             if "weight" in head_roles or "bias" in head_roles:
