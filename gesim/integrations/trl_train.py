@@ -137,9 +137,9 @@ class TrainEntanglementCallback(TrainerCallback):
             with watch, self.tel.record(rows, rows + B):
                 loss = original(model, inputs, *args, **kwargs)
         except torch.utils.checkpoint.CheckpointError as err:  # the recorder's replay rule inside a checkpoint
-            raise GesimError("train mode cannot record this model under gradient checkpointing yet (a layer the "
-                             "recorder re-runs, e.g. Llama's RMSNorm, saves tensors checkpointing does not expect); "
-                             "train with gradient_checkpointing=False") from err
+            raise GesimError(f"train mode cannot record this model under gradient checkpointing (torch refused "
+                             f"the recomputation: {str(err).splitlines()[0]}); train with "
+                             "gradient_checkpointing=False") from err
         rg = self.tel.pop()
         if len(seen) != 2:
             raise GesimError(f"train mode expected one grad-enabled policy forward and its backward in the step, "

@@ -92,6 +92,10 @@ class Use:
     extra: dict = field(default_factory=dict)
 
 
+def _as_is(t):
+    return t
+
+
 class RuleHost:
     """What the rules read from the engine driving them (the probe, the training recorder, the
     token Gram): ``replaying()``, a block in which re-runs of a module by a rule are not
@@ -102,9 +106,14 @@ class RuleHost:
 
     @contextlib.contextmanager
     def replaying(self):
+        """Also shields the re-run from saved-tensor hooks of an enclosing region: under
+        non-reentrant gradient checkpointing the tensors a rule's re-run saves would otherwise be
+        counted as the checkpointed forward's, and its recomputation (where nothing is re-run)
+        would be refused by torch as saving a different number of tensors."""
         old, self._replay = self._replay, True
         try:
-            yield
+            with torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+                yield
         finally:
             self._replay = old
 
