@@ -34,9 +34,10 @@ validation data is what a practitioner does and uses no test review; the last st
 are reported next to it (``last_reward`` in :mod:`gesim.methods.tax`).
 
 Why not the last step: the run itself displaces the chosen opener in some seeds. Measured
-(seeds 0-10 and 67889, lr 3e-4, 60 steps, one thread, with the harness's former init and batch
-streams: a global torch seed and seed + k generators; the current numbers, over seeds 0-10, are
-in bench/results/tax_study.json): DPO lowers the rejected openers'
+(seeds 0-10 and 67889, lr 3e-4, 60 steps, one thread, with the harness's former streams: a
+global torch seed and seed + k generators; with the current hashed streams the numbers over
+seeds 0-10 are in bench/results/tax_study.json, where seed 2's last step falls below SFT,
+0.155 against 0.170, after a validation-chosen peak of 0.451 at step 15): DPO lowers the rejected openers'
 log-probs by 2-5 nats and the mass they lose goes to tokens in neither response ("was", "the",
 "camera": 1% of the opener position's mass at SFT, 30-90% after 15-60 steps); in seeds 8 and
 67889 the chosen "rated" goes down with them (P 0.37-0.49 at step 10, 0.10-0.15 at step 60,
@@ -52,8 +53,10 @@ peaks at 0.35-0.50 and then falls in 4 of 6 seeds, in seed 4 to 0.17, below its 
 
 Every stage trains through the one loop of :mod:`gesim.transformer.loop` (pretraining and the
 preference stage here, SFT in :func:`gesim.transformer.train.sft`); the model's init and the
-batches come from the run's own (seed, stage) streams (:func:`gesim.transformer.train.stage_seed`:
-"init", "pretrain-batches", "pref-batches"), never from torch's global generator.
+batches, and every data draw (pretraining reviews, preference pairs, the test and validation
+splits, HMA's samples) come from the run's own (seed, stage) streams
+(:func:`gesim.transformer.train.stage_seed`), never from torch's global generator nor from
+``seed + k`` offsets (with those, seed s's k-th stream was seed s+1's (k-1)-th).
 
 Every method is a point or a path in the (tax, reward) plane (:mod:`gesim.methods.tax`
 compares them over seeds).
@@ -171,11 +174,6 @@ def style_pairs(n: int, seed: int, tokens: str = "opener") -> tuple[lm.PairBatch
     return lm.PairBatch(ids_w, ids_l, mw, ml), start
 
 
-def _val_stream(seed: int, k: int) -> int:
-    """The validation split's streams: a hash of (seed, k), never one of the ``seed + k`` offsets."""
-    return int(np.random.SeedSequence([int(seed), 12, k]).generate_state(1)[0])
-
-
 def heldout(cfg: TaxConfig, seed: int, split: str = "test") -> dict:
     """Held-out data: clean SFT sequences (correct label + suffix) with the opener position and
     the masks of the suffix after it and of the review text, plus held-out preference pairs
@@ -183,14 +181,13 @@ def heldout(cfg: TaxConfig, seed: int, split: str = "test") -> dict:
     draws, for choosing the AdamW end point (:func:`end_index`) without the test reviews."""
     if split not in SPLITS:
         raise GesimError(f"split {split!r}: choose from {', '.join(SPLITS)}")
-    s_sft, s_pref = (seed + 11, seed + 12) if split == "test" else (_val_stream(seed, 1), _val_stream(seed, 2))
-    ps = data.pairs(SFT_STRUCTURE, cfg.n_heldout, s_sft)
+    ps = data.pairs(SFT_STRUCTURE, cfg.n_heldout, stage_seed(seed, f"{split}-sft"))
     ids, mask = ps.batch.chosen_ids, ps.batch.chosen_mask
     rows, opener = torch.arange(len(ids)), ps.prompt_len + 1
     rest = mask.clone()
     rest[rows, ps.prompt_len] = 0
     rest[rows, opener] = 0
-    pref, _ = style_pairs(cfg.n_heldout, s_pref, cfg.pref_tokens)
+    pref, _ = style_pairs(cfg.n_heldout, stage_seed(seed, f"{split}-style"), cfg.pref_tokens)
     dev = cfg.model.device
     return {"ids": ids.to(dev), "prompt": _prompt_mask(ids, ps.prompt_len).to(dev), "rest": rest.to(dev),
             "opener": opener.to(dev), "label_pos": ps.prompt_len.to(dev), "pref": pref.to(dev), "seed": seed}
@@ -225,7 +222,7 @@ def stages(cfg: TaxConfig, seed: int):
 
     m = dataclasses.replace(cfg.model, seed=seed, label_noise=cfg.sft_label_noise)
     model = init_model(m)
-    ps = data.pairs(SFT_STRUCTURE, m.n_train, seed + 21)
+    ps = data.pairs(SFT_STRUCTURE, m.n_train, stage_seed(seed, "pretrain-data"))
     ids = ps.batch.chosen_ids.to(m.device)
     prompt = _prompt_mask(ps.batch.chosen_ids, ps.prompt_len).to(m.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr)
@@ -239,7 +236,7 @@ def stages(cfg: TaxConfig, seed: int):
 
 
 def train_pairs(cfg: TaxConfig, seed: int) -> lm.PairBatch:
-    return style_pairs(cfg.model.n_train, seed + 1, cfg.pref_tokens)[0].to(cfg.model.device)
+    return style_pairs(cfg.model.n_train, stage_seed(seed, "style-train"), cfg.pref_tokens)[0].to(cfg.model.device)
 
 
 def prefer(model, cfg: TaxConfig, held: dict, opt, seed: int, loss: str = "dpo", on_record=None) -> list[dict]:
@@ -324,9 +321,9 @@ def sample(model, prompts: torch.Tensor, prompt_len: torch.Tensor, length: int, 
 def high_reward_samples(aligned, cfg: TaxConfig, seed: int):
     """The aligned model's own samples on training reviews whose response opens with
     :data:`PREFERRED` (reward 1; HMA's fitting data): ids and response masks."""
-    ps = data.pairs(SFT_STRUCTURE, cfg.n_samples, seed + 31)
+    ps = data.pairs(SFT_STRUCTURE, cfg.n_samples, stage_seed(seed, "sample-prompts"))
     prompts, plen = ps.batch.chosen_ids.to(cfg.model.device), ps.prompt_len.to(cfg.model.device)
-    ids, mask = sample(aligned, prompts, plen, data.SUFFIX[SFT_STRUCTURE] + 2, seed + 32)
+    ids, mask = sample(aligned, prompts, plen, data.SUFFIX[SFT_STRUCTURE] + 2, stage_seed(seed, "sample-draws"))
     keep = ids[torch.arange(len(ids), device=ids.device), plen + 1] == data.Language().index[PREFERRED]
     if not keep.any():
         raise GesimError(f"none of {len(ids)} samples of the aligned model opens with {PREFERRED!r}: "

@@ -139,7 +139,13 @@ def pinned(cfg: TrainConfig):
 
 
 #: The random streams of a run, one per stage; append only (a stream's seed hashes its index).
-STAGES = ("init", "sft-data", "sft-batches", "pref-train", "pref-eval", "pref-batches", "pretrain-batches")
+#: The named random streams of a run. Append only: a stage's index is part of its stream, so
+#: reordering would change every number. The last eight are the method harness's
+#: (:mod:`gesim.methods.harness`: pretraining data, preference pairs, the test and validation
+#: splits, HMA's sampled prompts and draws).
+STAGES = ("init", "sft-data", "sft-batches", "pref-train", "pref-eval", "pref-batches", "pretrain-batches",
+          "pretrain-data", "style-train", "test-sft", "test-style", "val-sft", "val-style", "sample-prompts",
+          "sample-draws")
 
 
 def stage_seed(seed: int, stage: str) -> int:
