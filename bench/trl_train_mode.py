@@ -1,17 +1,13 @@
 """Overhead of TrainEntanglementCallback on trl's DPOTrainer training step (CPU).
 
-One micro-batch, the same batch and parameters for every variant (no optimizer step between
+One micro-batch, the same batch and parameters for both variants (no optimizer step between
 repeats, so every repeat does the same work), timed interleaved: trl's own ``training_step``
-(forward of policy and reference, backward), the same step with only the policy's LM head
-unfused (the callback's interception, no recorder), and the full callback step (unfused head
-+ StepTelemetry + reading the row weights); the step-end bookkeeping (rows, fractions) is timed
-separately. Median over repeats of each variant and of the per-repeat ratios. float32, no mixed
-precision, gradient checkpointing as trl's default (on). Timings on a shared machine: the ratios
-(same run, interleaved) are the result, not the absolute times.
-
-``ratio_to_trl.recorder_over_unfused_head`` isolates the recorder (same unfused step with and
-without it). On CPU trl's fused head runs its chunked torch fallback, slower than the plain
-head, so the callback's step can be faster than trl's own.
+(forward of policy and reference, backward) and the callback's step (trl's step unchanged, with
+StepTelemetry's hooks, the LM head's use formed from its input and dL/dlogp, and the row
+weights read); the step-end bookkeeping (rows, fractions) is timed separately. Median over
+repeats of each variant and of the per-repeat ratios. float32, no mixed precision, gradient
+checkpointing as trl's default (on). Timings on a shared machine: the ratios (same run,
+interleaved) are the result, not the absolute times.
 
 Usage: OMP_NUM_THREADS=1 python bench/trl_train_mode.py [--sizes tiny,small,wide] [--repeats 7] [--out FILE]
 """
@@ -60,7 +56,6 @@ def build(size):
 
 
 def measure(size: str, repeats: int) -> dict:
-    from gesim.integrations import trl_layout
     from gesim.integrations.trl_train import TrainEntanglementCallback
 
     trainer, batch = build(size)
@@ -69,11 +64,7 @@ def measure(size: str, repeats: int) -> dict:
     cb = TrainEntanglementCallback(out_dir=False).attach(trainer)
     watched = trainer.training_step
 
-    def unfused(m, inputs):
-        with trl_layout.unfused_head(trl_layout.hf_model(trainer)):
-            return plain(m, inputs)
-
-    variants = {"trl": plain, "unfused_head": unfused, "callback": watched}
+    variants = {"trl": plain, "callback": watched}
     times = {k: [] for k in variants}
     end = []
     for r in range(repeats + 1):  # the first round warms up
@@ -90,9 +81,7 @@ def measure(size: str, repeats: int) -> dict:
         if r:
             end.append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = {k: statistics.median(a / b for a, b in zip(times[k], times["trl"])) for k in ("unfused_head", "callback")}
-    ratio["recorder_over_unfused_head"] = statistics.median(a / b for a, b in zip(times["callback"],
-                                                                                   times["unfused_head"]))
+    ratio = {"callback": statistics.median(a / b for a, b in zip(times["callback"], times["trl"]))}
     d, layers, heads, vocab, B, _, _ = SIZES[size]
     return {"size": size, "d": d, "layers": layers, "vocab": vocab, "pairs": B, "T": int(batch["input_ids"].shape[1]),
             "repeats": repeats, "median_seconds": med, "step_end_seconds": statistics.median(end),

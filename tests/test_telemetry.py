@@ -273,6 +273,59 @@ def test_bf16_model_grams_in_float32():
     assert float((got["cos"].double() - want["cos"]).abs().max()) < 0.05  # bf16 forward noise, not the Gram
 
 
+class _FusedLogProbs(torch.autograd.Function):
+    """An LM head read inside its own autograd Function, as trl's fused head reads it: the head
+    module is never called, so no hook sees its weight (float64, no tiles)."""
+
+    @staticmethod
+    def forward(ctx, h, W, y):
+        z = h @ W.T
+        lse = torch.logsumexp(z, -1)
+        ctx.save_for_backward(h, W, y, z, lse)
+        return z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, g):
+        h, W, y, z, lse = ctx.saved_tensors
+        q = torch.exp(z - lse.unsqueeze(-1)).neg_().scatter_add_(-1, y.unsqueeze(-1), torch.ones_like(z[..., :1]))
+        q = q * g.unsqueeze(-1)
+        return q @ W, q.reshape(-1, q.shape[-1]).T @ h.reshape(-1, h.shape[-1]), None
+
+
+@pytest.mark.parametrize("arch,tied", [("gpt2", True), ("llama", False)], ids=["gpt2_tied", "llama_untied"])
+def test_a_head_read_inside_a_fused_function_is_recorded_through_external_use(arch, tied):
+    """The recorder's external_use / deliver (how trl's fused head is read): the head's use is
+    formed from its input h and dL/dz = dL/dlogp (e_y - p) (trl_layout.head_output_grad), with
+    the tied embedding's cross terms, and the rows equal the reference probe's."""
+    from gesim.integrations.trl_layout import head_output_grad
+
+    m, b = _model(arch, tied), _batch()
+    want = probe.pair_stats(m, b, backend="reference")
+    ids, mask = b.stacked()
+    labels = ids.masked_fill(mask == 0, -100)
+    head, P = m.get_output_embeddings(), len(b)
+    tel = StepTelemetry(m)
+    rec = tel.recorder
+
+    def fused_forward(input_ids):
+        h = m.base_model(input_ids=input_ids).last_hidden_state
+        use = rec.external_use(head, h)
+        lp = _FusedLogProbs.apply(h[:, :-1], head.weight, labels[:, 1:].clamp(min=0))
+        lp.register_hook(lambda g: rec.deliver(use, head_output_grad(h, head, labels, g, torch.float64)))
+        return lp.masked_fill(labels[:, 1:] == -100, 0)
+
+    m.forward = fused_forward
+    try:
+        with tel.record(torch.arange(P), torch.arange(P, 2 * P)):
+            lw, ll = m(ids).sum(1).chunk(2)
+            L = losses.get("dpo")("torch", lw, ll, *_refs(b)).mean()
+            d_w, d_l, B = loss_weights(L, lw, ll)
+            L.backward()
+    finally:
+        del m.forward
+    _close(tel.pop().pair_stats(d_w, d_l, B), want, rtol=FLOAT32_PARTS.get(arch, RTOL))
+
+
 class _Functional(torch.nn.Module):
     """A model using a module's weight functionally (the module itself is never called)."""
 

@@ -95,8 +95,8 @@ def _trainer_part(row):
 # ---- the Done-when run ------------------------------------------------------------------------
 
 def test_twenty_step_run_logs_fractions_writes_one_row_per_pair_per_step_and_keeps_trl_logs(tmp_path, one_thread):
-    """float32 (bf16=False): the unfused head changes the gradient by float32 rounding only, so
-    trl's own values agree to 1e-4 relative over 20 steps (measured: <= 1.1e-5)."""
+    """float32 (bf16=False), 20 steps: the callback only reads (trl's fused head runs as it is),
+    so every value trl logs is bitwise the value it logs without the callback."""
     plain = _trainer(tmp_path / "a", steps=20, bf16=False)
     plain.train()
     watched = _trainer(tmp_path / "b", steps=20, bf16=False)
@@ -109,8 +109,8 @@ def test_twenty_step_run_logs_fractions_writes_one_row_per_pair_per_step_and_kee
     for ra, rb in zip(a, b):
         assert _trainer_part(ra).keys() == _trainer_part(rb).keys()
         assert not {k for k in rb if k not in ra} - {k for k in rb if k.startswith(PREFIX)}
-        for k, v in _trainer_part(ra).items():  # the unfused head rounds otherwise than trl's fused one
-            assert np.isclose(rb[k], v, rtol=1e-4, atol=1e-7), (rb["step"], k, rb[k], v)
+        for k, v in _trainer_part(ra).items():
+            assert rb[k] == v, (rb["step"], k, rb[k], v)
     logged = [r for r in b if f"{PREFIX}train_mean_cos" in r]
     assert [r["step"] for r in logged] == list(range(1, 21)) and all("loss" in r for r in logged)
     for r in logged:
@@ -130,28 +130,40 @@ def test_twenty_step_run_logs_fractions_writes_one_row_per_pair_per_step_and_kee
         assert h["step"] == r["step"]
 
 
-def test_under_trls_default_bf16_autocast_the_forward_and_the_log_keys_are_trls(tmp_path, one_thread):
-    """trl's configs default to bf16=True (CPU autocast here): the callback re-enters accelerate's
-    autocast, so the first step's forward values (loss, log-probs, rewards, logits) are trl's
-    exactly; the head's backward then rounds as bf16 GEMMs (transformers' own head) where trl's
-    fused head accumulates in float32, so later steps differ at bf16 rounding."""
-    plain = _trainer(tmp_path / "a", steps=2)
-    assert plain.args.bf16 and plain.accelerator.mixed_precision == "bf16"
-    plain.train()
-    watched = _trainer(tmp_path / "b", steps=2)
-    TrainEntanglementCallback(out_dir=False).attach(watched)
-    watched.train()
-    a, b = plain.state.log_history, watched.state.log_history
-    assert [_trainer_part(r).keys() for r in a] == [_trainer_part(r).keys() for r in b]
-    for k in ("loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/margins", "logits/chosen",
-              "entropy"):
-        assert b[0][k] == a[0][k], k
-    assert all(f"{PREFIX}train_mean_cos" in r for r in b if "loss" in r)
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16_autocast", "float32"])
+def test_training_with_the_callback_is_bitwise_training_without_it(tmp_path, one_thread, bf16):
+    """The callback reads, it never changes the step: under trl's default bf16 autocast (CPU
+    here) and in float32, three steps with gradient accumulation (and trl's default gradient
+    checkpointing) end at bitwise the same parameters, with bitwise the same logged values, as
+    the same run without the callback. (Until this release the callback ran the LM head as a
+    module call, whose bf16 backward rounded otherwise than trl's float32-accumulating head.)"""
+    runs = []
+    for name, watch in (("plain", False), ("watched", True)):
+        trainer = _trainer(tmp_path / name, steps=3, ga=2, bf16=bf16)
+        assert trainer.args.gradient_checkpointing and (trainer.accelerator.mixed_precision == "bf16") == bf16
+        if watch:
+            cb = TrainEntanglementCallback(out_dir=False).attach(trainer)
+        trainer.train()
+        runs.append(trainer)
+    (a, b) = runs
+    for (n, p), (n2, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert n == n2 and torch.equal(p, q), n
+    for ra, rb in zip(a.state.log_history, b.state.log_history):
+        assert _trainer_part(ra) == _trainer_part(rb)
+    assert len(cb.history) == 3 and all(np.isfinite(h[f"{PREFIX}train_mean_cos"]) for h in cb.history)
 
 
 # ---- exactness (float64): the reference probe on the same batch and parameters ------------------
 
-def _check_against_reference(trainer, cb, seen, params="all", lora=False, ref_model=None, tol=1e-10):
+#: trl's fused head folds the log-probs' statistics in float32 and accumulates its backward in
+#: float32 whatever the model's dtype; train mode runs that head unchanged, so a float64 run's
+#: log-probs (and the d_w, d_l read from their gradient) agree with a float64 reference to float32
+#: rounding only, and so does the body's gradient that flows back through trl's head
+LOGP_RTOL = 1e-6
+
+
+def _check_against_reference(trainer, cb, seen, params="all", lora=False, ref_model=None, tol=LOGP_RTOL,
+                             logp_rtol=LOGP_RTOL):
     table = cb.table()
     m = trainer.args.gradient_accumulation_steps
     assert len(seen) == m * trainer.args.max_steps
@@ -166,8 +178,8 @@ def _check_against_reference(trainer, cb, seen, params="all", lora=False, ref_mo
             want = ref[key].numpy()
             got = table[key][rows]
             worst = max(worst, float(np.max(np.abs(got - want) / np.abs(want).max())))
-        np.testing.assert_allclose(table["lw"][rows], ref["lw"].numpy(), rtol=1e-2 * tol)
-        np.testing.assert_allclose(table["ll"][rows], ref["ll"].numpy(), rtol=1e-2 * tol)
+        np.testing.assert_allclose(table["lw"][rows], ref["lw"].numpy(), rtol=logp_rtol)
+        np.testing.assert_allclose(table["ll"][rows], ref["ll"].numpy(), rtol=logp_rtol)
         # the row Gram's own-step regime = the symbolic one from (d_w, d_l, ip, nw2, nl2)
         d_w, d_l = table["d_w"][rows], table["d_l"][rows]
         dlw, dll = regimes.first_order(d_w, d_l, ref["ip"].numpy(), ref["nw2"].numpy(), ref["nl2"].numpy())
@@ -180,8 +192,9 @@ def _check_against_reference(trainer, cb, seen, params="all", lora=False, ref_mo
             lw_ref, ll_ref = ref_logps.double().chunk(2)
             want = symbolic.derive("dpo").weights(ref["lw"].numpy(), ref["ll"].numpy(), lw_ref, ll_ref,
                                                   beta=trainer.beta)
-            np.testing.assert_allclose(d_w, want[0], rtol=1e-2 * tol)
-            np.testing.assert_allclose(d_l, want[1], rtol=1e-2 * tol)
+            np.testing.assert_allclose(d_w, want[0], rtol=logp_rtol)
+            np.testing.assert_allclose(d_l, want[1], rtol=logp_rtol)
+    print(f"largest ip/nw2/nl2 error: {worst:.1e}")
     assert worst < tol, worst
     print(f"largest ip/nw2/nl2 error against the reference probe, relative to the batch's largest: {worst:.1e}")
     return table
@@ -190,10 +203,11 @@ def _check_against_reference(trainer, cb, seen, params="all", lora=False, ref_mo
 def test_float64_rows_equal_the_reference_probe_and_gesims_dpo_weights_with_accumulation(tmp_path, one_thread):
     """Two optimizer steps of two micro-batches of 3 pairs, gradient checkpointing on (trl's
     default): per pair ip, nw2, nl2 = gesim.probe's reference backend (one pair at a time, two
-    backward passes) to 1e-10; d_w, d_l read from trl's backward = gesim's ``dpo`` weights at
-    trl's beta (so the 1/m accumulation scaling is read right); the own-step regime = the
-    symbolic one; lw, ll = the reference's and trl's logged ``logps/*`` (trl's own log-prob
-    code, float32 inside its fused head)."""
+    backward passes) to float32 rounding (trl's fused head, which train mode leaves as it is,
+    computes in float32 whatever the model's dtype: LOGP_RTOL; the recorder itself is exact to
+    1e-10, tests/test_telemetry.py); d_w, d_l read from trl's backward = gesim's ``dpo`` weights
+    at trl's beta (so the 1/m accumulation scaling is read right); the own-step regime = the
+    symbolic one; lw, ll = the reference's and trl's logged ``logps/*``."""
     trainer = _trainer(tmp_path, steps=2, batch=3, ga=2, dtype=torch.float64, bf16=False, lr=1e-2)
     assert trainer.args.gradient_checkpointing
     cb = TrainEntanglementCallback(out_dir=tmp_path / "pairs").attach(trainer)
@@ -220,39 +234,48 @@ def test_float64_lora_rows_equal_the_reference_probe_on_the_adapter(tmp_path, on
     assert len(table["step"]) == 4 and not cb.parts
 
 
-# ---- the unfused head is trl's head --------------------------------------------------------------
+# ---- trl's fused head, read: its logits' gradient from dL/dlogp ------------------------------------
 
-def test_unfused_head_gives_trls_fused_outputs_and_gradient(tmp_path, one_thread):
-    """Same batch, float64 model: every per-token output of trl's fused head (float32 inside)
-    and the gradient of a random functional of the log-probs agree to float32 rounding; outside
-    the block (and under no_grad inside it) trl's own forward runs."""
+def test_head_output_grad_equals_autograd_through_a_module_called_head():
+    """dL/dz from dL/dlogp (what the callback hands the recorder for trl's fused head) equals
+    autograd through ``log_softmax(W h).gather(labels)`` zeroed off the labels, float64 to
+    1e-15, including a gradient that reaches the zeroed (-100) positions and a head bias."""
+    torch.manual_seed(0)
+    N, T, d, V = 4, 7, 5, 11
+    h, head = torch.randn(N, T, d, dtype=torch.float64), torch.nn.Linear(d, V).double()
+    labels = torch.randint(0, V, (N, T))
+    labels[:, :3] = -100
+    z = head(h).detach().requires_grad_(True)
+    keep = labels[:, 1:] != -100
+    lp = torch.log_softmax(z[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    g = torch.randn(N, T - 1, dtype=torch.float64)  # nonzero on the -100 positions too
+    (lp.masked_fill(~keep, 0) * g).sum().backward()
+    got = trl_layout.head_output_grad(h, head, labels, g, torch.float64)
+    assert float((got - z.grad).abs().max()) < 1e-15 * float(z.grad.abs().max()) + 1e-16
+    assert torch.equal(got[:, -1], torch.zeros(N, V, dtype=torch.float64))
+
+
+def test_watch_fused_head_hands_trls_own_outputs_and_hidden_states(tmp_path, one_thread):
+    """Inside the block trl's forward runs unchanged (same outputs, bitwise), the callback sees
+    the backbone's last hidden states and trl's log_probs; no-grad calls pass through unseen;
+    trl's forward is back afterwards."""
     trainer = _trainer(tmp_path, steps=1, batch=3, dtype=torch.float64, bf16=False)
     model = trainer.model
     inputs = next(iter(trainer.get_train_dataloader()))
     labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
     kw = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels,
           "fused_lm_head": True}
-    weight = torch.randn(labels.shape[0], labels.shape[1] - 1, dtype=torch.float64)
-
-    def run():
-        model.zero_grad()
-        out = model(**kw)
-        (out.log_probs * weight).sum().backward()
-        return out, torch.cat([p.grad.flatten() for p in model.parameters()])
-
-    fused, g_fused = run()
+    want = model(**kw)
     trls, seen = model.__dict__["forward"], []
-    with trl_layout.unfused_head(model, seen.append):
-        unfused, g_unfused = run()
+    with trl_layout.watch_fused_head(model, lambda h, y, out: seen.append((h, y, out))):
+        got = model(**kw)
         with torch.no_grad():
-            assert model(**kw).log_probs.dtype == torch.float32  # trl's fused head
-    assert len(seen) == 1 and seen[0] is unfused.log_probs and unfused.log_probs.dtype == torch.float64
-    for key in ("log_probs", "entropy", "mean_logits", "loss"):
-        got, want = (getattr(o, key).detach().double().numpy() for o in (unfused, fused))
-        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-6, err_msg=key)
-    assert torch.equal(unfused.is_top1, fused.is_top1) and torch.equal(unfused.label_mask, fused.label_mask)
-    assert (g_unfused - g_fused).abs().max() <= 1e-5 * g_fused.abs().max()
-    assert model.__dict__["forward"] is trls  # trl's forward is back
+            model(**kw)
+    assert len(seen) == 1 and seen[0][2] is got and seen[0][1] is labels
+    assert torch.equal(got.log_probs, want.log_probs) and torch.equal(got.entropy, want.entropy)
+    hidden = model.base_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert torch.equal(seen[0][0], hidden.last_hidden_state)
+    assert model.__dict__["forward"] is trls
 
 
 # ---- what train mode refuses ---------------------------------------------------------------------
@@ -393,7 +416,7 @@ def test_ddp_under_accelerate_launch_each_process_writes_its_own_exact_rows(tmp_
     assert [i["world"] for i in info] == [2, 2] and {i["backend"] for i in info} == {"gloo"}
     assert {i["wrapped"] for i in info} == {"DistributedDataParallel"}
     assert info[0]["first_ids"] != info[1]["first_ids"]  # each process trains its own pairs
-    assert all(i["worst"] < 1e-10 and i["steps"] == 3 and i["logged"] == [2, 2, 2] for i in info), info
+    assert all(i["worst"] < LOGP_RTOL and i["steps"] == 3 and i["logged"] == [2, 2, 2] for i in info), info
     table = read_rows(tmp_path / "pairs")
     assert sorted({p.name for p in (tmp_path / "pairs").iterdir()}) == [
         "train_pairs_rank000_00000001.parquet", "train_pairs_rank001_00000001.parquet"]
@@ -430,8 +453,9 @@ def _record_config(name):
 @pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in QUICK else pytest.mark.slow) for n in DPO_RECORDS])
 def test_read_out_weights_are_gesims_loss_for_trls_loss_type(name, tmp_path, one_thread):
     """d_w, d_l read from trl's backward (any loss_type, loss_weights mix) = gesim's symbolic
-    weights of the registered loss with trl's parameters, pair by pair, to 1e-10 (float64; the
-    reference log-probs are trl's own, float32 inside its fused head). Three loss types by
+    weights of the registered loss with trl's parameters, pair by pair, to float32 rounding
+    (trl computes its loss from its fused head's float32 log-probs, even in a float64 model;
+    the losses themselves are checked against trl's code to 1e-10 in test_trl_oracle.py). Three loss types by
     default, all 14 DPOTrainer records with the slow checks."""
     from gesim import losses
 
@@ -451,7 +475,7 @@ def test_read_out_weights_are_gesims_loss_for_trls_loss_type(name, tmp_path, one
         extra = losses.trl_batch_params(name, len_w)
         d_w, d_l = symbolic.derive(name).weights(table["lw"][rows], table["ll"][rows], *ref.chunk(2), len_w, len_l,
                                                  **params, **extra)
-        tol = 1e-7 if name == "exo_pair" else 1e-10  # trl makes eps a float32 tensor (test_trl_oracle.TOL)
+        tol = LOGP_RTOL  # trl's fused head returns float32 log-probs: trl's loss (and d_w, d_l) is float32
         scale = max(np.abs(d_w).max(), np.abs(d_l).max())
         np.testing.assert_allclose(table["d_w"][rows], d_w, rtol=0, atol=tol * scale, err_msg=name)
         np.testing.assert_allclose(table["d_l"][rows], d_l, rtol=0, atol=tol * scale, err_msg=name)
@@ -612,5 +636,5 @@ def test_ld_dpo_rows_use_trls_length_desensitised_log_probs(tmp_path, one_thread
         lw_ref, ll_ref = ref.double().chunk(2)
         d_w, d_l = symbolic.derive("dpo").weights(table["lw"][rows], table["ll"][rows], lw_ref, ll_ref,
                                                   beta=trainer.beta)
-        np.testing.assert_allclose(table["d_w"][rows], d_w, rtol=1e-10)
-        np.testing.assert_allclose(table["d_l"][rows], d_l, rtol=1e-10)
+        np.testing.assert_allclose(table["d_w"][rows], d_w, rtol=LOGP_RTOL)  # trl's loss is float32
+        np.testing.assert_allclose(table["d_l"][rows], d_l, rtol=LOGP_RTOL)

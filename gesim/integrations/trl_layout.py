@@ -1,5 +1,6 @@
 """What train-mode entanglement needs from a trl ``DPOTrainer`` step: its row layout, its LM head
-as a module call, and the loss weight of every row, read from trl 1.16's own training step.
+read from outside its fused kernel, and the loss weight of every row, read from trl 1.16's own
+training step.
 
 **Layout** (trl 1.16 ``DataCollatorForPreference`` and ``DPOTrainer._compute_loss``): one
 micro-batch of B pairs is one forward over ``input_ids`` (2B, T): rows 0..B-1 are
@@ -14,15 +15,15 @@ ids, extra model inputs such as images, left padding, rows whose prompts do not 
 
 **LM head**. trl patches the policy's ``forward`` with a fused head
 (``trl.trainer.utils.add_fused_lm_head``): the LM-head weight is used inside a custom
-autograd Function, so no module hook sees it, and a tied embedding would silently lose its
-head term. :func:`unfused_head` swaps in, for grad-enabled calls only, the same computation
-with the head called as a module: backbone, ``lm_head(h[:, :-1])``, log-softmax in float32
-(float64 for float64 models), and trl's per-token outputs (``log_probs``, ``entropy``,
-``mean_logits``, ``is_top1``, ``log_sum_sq_probs``, zero where the label is -100; all but
-``log_probs`` without gradient, as DPOTrainer 1.16 uses them). Values
-equal trl's up to rounding (trl folds the logits in float32 tiles); it materialises the
-(2B, T, V) logits, as transformers' own head does. Logit soft-capping / scaling and MoE
-router losses are refused.
+autograd Function (float32 statistics and accumulation whatever the model's dtype), so no
+module hook sees it, and a tied embedding would silently lose its head term.
+:func:`watch_fused_head` leaves that forward running unchanged (the training step is bitwise
+trl's) and hands over, per grad-enabled fused call, the backbone's last hidden states h (a
+forward hook on ``base_model``, the backbone trl runs) and trl's ``log_probs``; from h and the
+gradient reaching ``log_probs``, :func:`head_output_grad` forms the head's output gradient
+``dL/dz = dL/dlogp (e_y - softmax(z))`` (one (2B, T, V) tensor), which the recorder turns into
+the head's per-row share like any other use. Logit soft-capping / scaling and MoE router losses
+are refused.
 
 **Row weights**. A tensor hook on the ``log_probs`` output receives
 ``dL/dlogp[b, t]`` of the scalar L trl backpropagates. With lw_b trl's per-row log-prob
@@ -52,7 +53,7 @@ TESTED_TRL = "1.16"
 #: model inputs trl 1.16's text collator produces; anything else (images, position ids of a
 #: packed batch, cu_seq_lens) is a layout this module does not read
 TEXT_KEYS = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-#: config fields trl's fused head reads to rescale logits; the unfused head supports none
+#: config fields trl's fused head reads to rescale logits; head_output_grad supports none
 _LOGIT_FIELDS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
                  "logits_scaling")
 
@@ -94,8 +95,8 @@ def check_trainer(trainer, allow_untested: bool = False):
     for field in _LOGIT_FIELDS:
         value = getattr(config, field, None)
         if value is not None and value != 1.0:
-            raise GesimError(f"the model config sets {field}={value}: train mode's unfused LM head does not "
-                             "rescale logits")
+            raise GesimError(f"the model config sets {field}={value}: train mode's reading of the LM head does "
+                             "not rescale logits")
     return kind
 
 
@@ -181,72 +182,70 @@ def row_weights(grad, weights, rtol: float = 1e-6):
     return c
 
 
-def _head_outputs(hidden, lm_head, labels, num_items_in_batch):
-    """trl's FusedCausalLMOutput computed with ``lm_head`` called as a module (see module docstring)."""
-    from trl.trainer.utils import FusedCausalLMOutput
+def head_output_grad(h, head, labels, grad_log_probs, dtype):
+    """dL/dz (N, T, V) of the head's logits z = W h + b, from dL/dlogp (N, T-1), the gradient
+    trl's fused head receives: ``dL/dz_t = dL/dlogp_t (e_{y_{t+1}} - softmax(z_t))`` at t < T-1,
+    0 at the last position (no next token) and where the label is -100 (trl's head zeroes those
+    log-probs, so whatever gradient reaches them stops there).
 
-    mask = labels != -100
-    logits = lm_head(hidden)
-    z = logits if logits.dtype == torch.float64 else logits.float()
-    log_z = torch.logsumexp(z, -1)
-    target = z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    log_probs = torch.where(mask, target - log_z, zero)
-    with torch.no_grad():  # DPOTrainer 1.16 reads these detached only (entropy: `.detach()` in _compute_loss)
-        entropy = torch.where(mask, log_z - (torch.softmax(z, -1) * z).sum(-1), zero)
-        mean_logits = torch.where(mask, z.mean(-1), zero)
-        log_sum_sq = torch.where(mask, torch.logsumexp(2 * (z - log_z.unsqueeze(-1)), -1), zero)
-        is_top1 = (z.argmax(-1) == labels) & mask
-    loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-    return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq,
-                               mean_logits=mean_logits, is_top1=is_top1, label_mask=mask, aux_loss=None)
-
-
-def amp_context(trainer):
-    """The autocast context accelerate wraps the policy's forward in (mixed precision: trl's
-    configs default to ``bf16=True``, on CPU too), or None when it does not wrap that forward."""
-    model, acc = hf_model(trainer), getattr(trainer, "accelerator", None)
-    if acc is None or not getattr(acc, "native_amp", False) or "_original_forward" not in model.__dict__:
-        return None
-    from accelerate.utils import get_mixed_precision_context_manager
-
-    return lambda: get_mixed_precision_context_manager(acc.native_amp, acc.autocast_handler)
+    The logits are formed as trl forms them (``h`` and W cast to the autocast dtype when
+    autocast is on, else h's dtype), the softmax in ``dtype`` (float32, float64 for float64
+    models); trl's own backward folds the same quantity tile by tile without materialising it.
+    Memory: one (N, T, V) tensor, as a module-called head's gradient would be."""
+    W, b = head.weight.detach(), None if head.bias is None else head.bias.detach()
+    cd = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    with torch.no_grad():
+        z = torch.nn.functional.linear(h.detach().to(cd), W.to(cd), None if b is None else b.to(cd)).to(dtype)
+        q = torch.softmax(z, -1).neg_()
+        y = labels[:, 1:].to(q.device)
+        q[:, :-1].scatter_add_(-1, y.clamp(min=0).unsqueeze(-1), torch.ones_like(y, dtype=dtype).unsqueeze(-1))
+        q[:, :-1] *= torch.where(y != -100, grad_log_probs.to(dtype), 0).unsqueeze(-1)
+        q[:, -1] = 0
+    return q
 
 
 @contextlib.contextmanager
-def unfused_head(model, on_log_probs=None, amp=None):
-    """Within the block, grad-enabled ``model(..., labels=, fused_lm_head=True)`` calls run the LM
-    head as a module call (hooks see it); ``on_log_probs(log_probs)`` gets each such output.
-    no-grad calls (trl's reference forward under PEFT) keep trl's fused head. ``amp``: a
-    factory of the autocast context accelerate had wrapped ``model.forward`` in
-    (:func:`amp_context`), re-entered here since this forward replaces that wrapper."""
+def watch_fused_head(model, on_call):
+    """Within the block the policy's forward is trl's own, unchanged (its fused head's forward
+    and backward run bitwise as without gesim); for each grad-enabled ``fused_lm_head=True``
+    call, ``on_call(h, labels, out)`` gets the backbone's last hidden states h (N, T, d) (read
+    by a forward hook on ``model.base_model``, the backbone trl runs), the labels and trl's
+    output (its ``log_probs``). no-grad calls (trl's reference forward under PEFT) pass through."""
     fused = model.__dict__.get("forward")
     if fused is None:
         raise GesimError("the model's forward is not trl's fused-head forward (add_fused_lm_head): not a trl 1.16 "
                          "DPOTrainer policy")
+    state = {"armed": False, "h": None}
+
+    def grab(mod, args, output):
+        if state["armed"] and torch.is_grad_enabled():
+            if state["h"] is not None:
+                raise GesimError("the backbone ran twice in one fused-head forward")
+            state["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
     @functools.wraps(type(model).forward)
-    def forward(*args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+    def forward(*args, fused_lm_head=False, **kwargs):
         if not (fused_lm_head and torch.is_grad_enabled()):
-            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
-                         num_items_in_batch=num_items_in_batch, **kwargs)
-        if shift_labels is not None or labels is None:
+            return fused(*args, fused_lm_head=fused_lm_head, **kwargs)
+        if kwargs.get("shift_labels") is not None or kwargs.get("labels") is None:
             raise GesimError("train mode reads next-token labels (no shift_labels: no context parallelism)")
-        if kwargs.get("output_router_logits"):
-            raise GesimError("train mode does not support MoE router losses")
-        kwargs["use_cache"] = False
-        with amp() if amp is not None else contextlib.nullcontext():
-            hidden = model.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-            out = _head_outputs(hidden, model.get_output_embeddings(), labels[:, 1:], num_items_in_batch)
-        if on_log_probs is not None:
-            on_log_probs(out.log_probs)
+        state["armed"], state["h"] = True, None
+        try:
+            out = fused(*args, fused_lm_head=True, **kwargs)
+        finally:
+            state["armed"] = False
+        if state["h"] is None:
+            raise GesimError("trl's fused-head forward did not run the model's backbone (base_model) as a module")
+        on_call(state["h"], kwargs["labels"], out)
         return out
 
+    handle = model.base_model.register_forward_hook(grab)
     model.forward = forward
     try:
         yield
     finally:
         model.forward = fused
+        handle.remove()
 
 
 # ---- CPOTrainer (trl.experimental.cpo, 1.16): the model's own logits -------------------------------

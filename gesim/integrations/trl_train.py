@@ -25,11 +25,12 @@ accelerator's backward, the loss scaling for gradient accumulation) and nothing 
 one record block is exactly one micro-batch. ``compute_loss`` would miss the backward, and
 hooks on ``forward`` alone could not tell the reference forward or evaluation from training.
 For CPOTrainer (the model's own logits, no fused head) c is read from the logits' gradient
-instead (``trl_layout.logit_token_weights``). For DPOTrainer, inside the block the policy's LM
-head runs unfused (``trl_layout.unfused_head``: trl's fused head hides the head weight from
-module hooks), under accelerate's autocast when it wraps the forward: forward values are
-trl's; the head's gradient rounds differently (float32: trl's logged values kept to 1e-5
-relative over 20 steps; bf16 autocast: bf16 GEMM outputs where trl accumulates in float32).
+instead (``trl_layout.logit_token_weights``). For DPOTrainer, trl's fused LM head runs as it
+is (``trl_layout.watch_fused_head``: it reads the head weight inside its own autograd
+Function, where no module hook sees it); the head's use is recorded from its input (the
+backbone's last hidden states) and ``dL/dz = dL/dlogp (e_y - p)``
+(``trl_layout.head_output_grad``, :meth:`gesim.probe.recorder.Recorder.external_use`). The
+callback only reads: a run with it is bitwise the run without it (bf16 autocast and float32).
 Each process of a DDP run records and writes its own rows (the row products are local; DDP
 averages parameter gradients only).
 
@@ -123,16 +124,24 @@ class TrainEntanglementCallback(TrainerCallback):
         if self.tel is None:  # built at the first step: the trainer may change trainable flags before
             self.tel = StepTelemetry(self.trainer.model, self.select)
         seen = []
+        rec, head = self.tel.recorder, self.hf.get_output_embeddings() if self.hf is not None else None
 
-        def on_log_probs(lp):
+        def on_call(h, labels, out):  # trl's fused head: its head use recorded from h and dL/dlogp
+            use = rec.external_use(head, h)
+            lp = out.log_probs
             seen.append(lp)
-            lp.register_hook(lambda g: seen.append(g))
+
+            def arrived(g):
+                seen.append(g)
+                if use is not None:
+                    rec.deliver(use, trl_layout.head_output_grad(h, head, labels, g, rec.dtype))
+            lp.register_hook(arrived)
 
         rows = torch.arange(B)
         if self.kind == "cpo":  # the model's own logits: read dL/dlogp from dL/dlogits
             watch = trl_layout.logits_hook(self.trainer.model, seen)
         else:
-            watch = trl_layout.unfused_head(self.hf, on_log_probs, trl_layout.amp_context(self.trainer))
+            watch = trl_layout.watch_fused_head(self.hf, on_call)
         try:
             with watch, self.tel.record(rows, rows + B):
                 loss = original(model, inputs, *args, **kwargs)

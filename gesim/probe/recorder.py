@@ -198,6 +198,33 @@ class Recorder(RuleHost):
             return out if out is not output else None
         return hook
 
+    # -- a call no hook sees ----------------------------------------------------------------
+    def external_use(self, module, x):
+        """Record a call of ``module`` (a selected ``nn.Linear``) on input ``x`` (N, T, d_in) that
+        ran outside a module call, e.g. trl's fused LM head, which reads the head's weight inside
+        its own autograd Function: the :class:`Use` whose output gradient (N, T, d_out) the
+        caller hands to :meth:`deliver` during the backward (a tied embedding's cross terms
+        included, as for a hooked call). None when the module owns no selected parameter."""
+        entry = next(((n, e) for n, e in self.plan.items() if e[0] is module), None)
+        if entry is None or self.N is None:
+            return None
+        mname, (module, roles, rule) = entry
+        if not isinstance(rule, LinearRule) or rule.transposed:
+            raise GesimError(f"telemetry: {mname} ({type(module).__name__}) is used outside a module call and is "
+                             "not a plain nn.Linear; its per-row gradient cannot be formed")
+        k = self.n_uses.get(id(module), 0)
+        use = Use(f"{mname}#{k}" if k else mname, rule, module, roles)
+        rule.capture(use, self, (x,), {}, None)
+        self.n_uses[id(module)] = k + 1
+        for p in roles.values():
+            self.n_uses[("p", id(p))] = self.n_uses.get(("p", id(p)), 0) + 1
+        self.uses.append(use)
+        return use
+
+    def deliver(self, use, g):
+        """The output gradient of an :meth:`external_use`, as a tensor hook would have received it."""
+        self._on_grad(use, g)
+
     # -- backward ------------------------------------------------------------------------
     def _on_grad(self, use, g):
         if use.extra.get("consumed"):
