@@ -348,6 +348,8 @@ def main(argv=None):
     ap.add_argument("--out", help="JSON path (default bench/results/probe_<mode>.json)")
     ap.add_argument("--quick", action="store_true", help="one small setting per mode (smoke test)")
     ap.add_argument("--token-reps", type=int, default=3)
+    ap.add_argument("--token-settings", help="token Gram settings VxT, comma-separated (default "
+                    "512x32,512x128,8192x32,8192x128,50257x32,50257x128)")
     ap.add_argument("--only", choices=("pairs", "tokens"), help="run one part (default both)")
     ap.add_argument("--peak-child", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -383,6 +385,8 @@ def main(argv=None):
               device == "cpu" else "random-init GPT-2-shaped models built from configs",
               "settings": rows}
     grams = [(512, 32)] if args.quick else [(v, t) for v in (512, 8192, 50257) for t in (32, 128)]
+    if args.token_settings:
+        grams = [tuple(int(x) for x in s.split("x")) for s in args.token_settings.split(",")]
     if device == "cpu" and args.only != "pairs":
         result["token_gram"] = {"note": TOKEN_NOTE, "rows": [bench_token_gram(v, t, args.token_reps)
                                                             for v, t in grams]}

@@ -91,8 +91,8 @@ def _kind(module, roles):
 class _Capture:
     """Hooks for one row: per use, what its products need; the head's input."""
 
-    def __init__(self, plan, head, T, dtype, stop=True):
-        self.plan, self.head, self.T, self.dtype, self.stop = plan, head, T, dtype, stop
+    def __init__(self, plan, head, T, dtype, check=None):
+        self.plan, self.head, self.T, self.dtype, self.check = plan, head, T, dtype, check
         self.uses, self.h, self.handles, self.shim = [], None, [], _Shim(T, dtype)
 
     def __enter__(self):
@@ -109,11 +109,10 @@ class _Capture:
         if self.h is not None:
             raise GesimError("the output head is called more than once per forward")
         self.h = args[0] if args else kwargs["input"]
-        if self.stop == "check":  # let the head and what follows it run on the first position only
-            first = self.h[..., :1, :]
-            return ((first, *args[1:]), kwargs) if args else (args, {**kwargs, "input": first})
-        if self.stop:
+        if self.check is None:
             raise _Stop
+        sub = self.check(self.h)  # the head and what follows it run on these positions only
+        return ((sub, *args[1:]), kwargs) if args else (args, {**kwargs, "input": sub})
 
     def _hook(self, name, kind, roles):
         def hook(mod, args, kwargs, output):
@@ -174,11 +173,13 @@ def _plan(model, head, chosen):
     return plan, head_roles
 
 
-def _head_pass(H, W, b, y, U, need_pw=True):
+def _head_pass(H, W, b, y, U, need_pw=True, Z0=None):
     """The head's quantities for the M tokens from ``q_k = e_{y_k} - p_k`` (the gradient of
     log p_k with respect to its logits), in one pass over vocabulary chunks with an online
     softmax (running max, rescaled accumulators): ``QQ = <q_k, q_l>`` (M, M), ``qW = q @ W``
     (M, d: the cotangent ``W^T (e_y - p)`` into the body), ``qU = q[:, U]`` (M, |U|), ``lse``.
+    ``Z0`` (m0, V): the logits of the first m0 tokens as the model computed them (bias included),
+    used instead of recomputing them.
 
     q is summed directly, never as ``1[y_k = y_l] - p_k[y_l] - p_l[y_k] + <p_k, p_l>`` or
     ``W_y - p @ W``: where the model is confident (p_k[y_k] near 1) those forms cancel
@@ -186,36 +187,56 @@ def _head_pass(H, W, b, y, U, need_pw=True):
     the per-token loop's 3e-6). Here ``q_k = -p_off_k + rest_k e_{y_k}`` with ``p_off`` the
     probabilities off the token's own column and ``rest_k = 1 - p_k[y_k]`` taken as their sum,
     so every accumulator is a sum of like-signed terms.
+
+    Chunks: ``CHUNK // M`` vocabulary rows (memory M x chunk), at most ``ROWS`` when W's chunk is
+    used twice (logits, then ``e @ W_c``), so the second use reads it from cache. Each token's own
+    column is zeroed by index in the one chunk that holds it (lists built once, no per-chunk search).
     """
     M, V = H.shape[0], W.shape[0]
-    step = max(1, min(CHUNK // max(M, 1), ROWS))
+    m0 = 0 if Z0 is None else Z0.shape[0]
+    step = max(1, CHUNK // max(M, 1))
+    if need_pw and m0 < M:
+        step = min(step, ROWS)
+    own = defaultdict(lambda: ([], []))  # chunk -> (tokens, their own column in the chunk)
+    for k, v in enumerate(y.tolist()):
+        own[v // step][0].append(k)
+        own[v // step][1].append(v % step)
+    Hc = H[m0:]
+
+    def logits(cols):  # (M, len(cols)) logits at the given vocabulary columns (a slice or an index tensor)
+        parts = [Z0[:, cols]] if m0 else []
+        if m0 < M:
+            Wc = W[cols]
+            parts.append(Hc @ Wc.T if b is None else torch.addmm(b[cols], Hc, Wc.T))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     m = torch.full((M,), -torch.inf, dtype=H.dtype, device=H.device)
     s_off = torch.zeros(M, dtype=H.dtype, device=H.device)  # sum_{v != y} exp(z_v - m)
     eW = torch.zeros_like(H)
     EE = torch.zeros(M, M, dtype=H.dtype, device=H.device)
-    for v0 in range(0, V, step):
-        Wc = W[v0:v0 + step]
-        z = H @ Wc.T
-        if b is not None:
-            z += b[v0:v0 + step]
-        m_new = torch.maximum(m, z.max(1).values)
+    for j, v0 in enumerate(range(0, V, step)):
+        sl = slice(v0, v0 + step)
+        z = logits(sl)
+        m_new = torch.maximum(m, z.amax(1))
         scale = torch.exp(m - m_new)
-        e = torch.exp(z - m_new[:, None])
-        k = ((y >= v0) & (y < v0 + z.shape[1])).nonzero().squeeze(1)
-        e[k, y[k] - v0] = 0.0  # off the token's own column
-        s_off = s_off * scale + e.sum(1)
+        e = (z - m_new[:, None]).exp_()
+        if j in own:  # off the token's own column
+            ks, cs = own[j]
+            e[torch.tensor(ks, device=e.device), torch.tensor(cs, device=e.device)] = 0.0
+        s_off.mul_(scale).add_(e.sum(1))
         if need_pw:
-            eW = eW * scale[:, None] + e @ Wc
-        EE = EE * (scale[:, None] * scale[None, :]) + e @ e.T
+            eW.mul_(scale[:, None]).addmm_(e, W[sl])
+        EE.mul_(scale[:, None] * scale[None, :]).addmm_(e, e.T)
         m = m_new
     z_y = (H * W[y]).sum(1) + (b[y] if b is not None else 0)
+    if m0:
+        z_y[:m0] = Z0.gather(1, y[:m0, None])[:, 0]
     s = s_off + torch.exp(z_y - m)
     lse = m + torch.log(s)
     rest = s_off / s  # 1 - p_k[y_k], as a sum
 
     def p_off(cols):  # p_k[cols], 0 where the column is the token's own y
-        z = H @ W[cols].T + (b[cols] if b is not None else 0)
-        return torch.exp(z - lse[:, None]).masked_fill(y[:, None] == cols[None, :], 0.0)
+        return torch.exp(logits(cols) - lse[:, None]).masked_fill(y[:, None] == cols[None, :], 0.0)
 
     QQ = EE / (s[:, None] * s[None, :])  # <p_off_k, p_off_l>
     cross = -p_off(y) * rest[None, :]  # [k, l] = q_off_k[y_l] rest_l
@@ -248,26 +269,27 @@ def fast_token_gram(model, ids, mask, select="all"):
         p.requires_grad_(True)
     try:
         with torch.enable_grad():
-            caps, H = [], []
+            caps, H, Z0 = [], [], None
+            last = max(r for r in range(N) if rows[r])
+            m0 = min(len(index), max(1, CHUNK // W.shape[0]))  # tokens whose logits the model's head computes
             for r in range(N):  # one forward per row, up to the head's input
                 if not rows[r]:
                     caps.append(None)
                     continue
-                check = all(c is None for c in caps)
-                with _Capture(plan, head, T, dtype, stop="check" if check else True) as cap, \
-                        torch.set_grad_enabled(bool(plan)):
+                pos = torch.tensor(rows[r], device=ids.device) - 1
+                check = _first_tokens(H, pos, m0, T) if r == last else None
+                with _Capture(plan, head, T, dtype, check) as cap, torch.set_grad_enabled(bool(plan)):
                     try:
                         logits = lm.logits(model, ids[r:r + 1])
                     except _Stop:
                         pass
                     except (RuntimeError, ValueError, IndexError) as err:
-                        raise GesimError(f"the model does not run its head on one position ({err})") from err
-                if check:
-                    _check_head(logits, head, cap.h)
+                        raise GesimError(f"the model does not run its head on {m0} positions ({err})") from err
                 if cap.h is None or cap.h.numel() % T:
                     raise GesimError("the output head was not called on the row's hidden states")
+                if check:
+                    Z0 = _check_head(logits, head, check.sub, dtype)
                 cap.h = cap.h.reshape(T, -1)
-                pos = torch.tensor(rows[r], device=ids.device) - 1
                 H.append(cap.h.detach()[pos].to(dtype))
                 caps.append((cap, pos))
             _check_uses(plan, caps)
@@ -276,7 +298,7 @@ def fast_token_gram(model, ids, mask, select="all"):
             Wd = W.detach().to(dtype)
             bias = head.bias.detach().to(dtype) if head.bias is not None else None
             emb_ids = _embedding_ids(W, caps)
-            _, cot, D, qU = _head_pass(Hm, Wd, bias, y, emb_ids, need_pw=bool(plan))
+            _, cot, D, qU = _head_pass(Hm, Wd, bias, y, emb_ids, need_pw=bool(plan), Z0=Z0)
             # cot = W^T (e_y - p): d log p_k / d h at position t-1; D = <q_k, q_l>
             K = torch.zeros(len(index), len(index), dtype=dtype, device=Hm.device)
             if "weight" in head_roles or "bias" in head_roles:
@@ -292,20 +314,39 @@ def fast_token_gram(model, ids, mask, select="all"):
     return K, index
 
 
-def _check_head(logits, head, h):
-    """The model's logits at the first position equal its head applied to the head's input there
-    (on up to 512 vocabulary columns spread over V: soft-capping or scaling would change them all)."""
+class _first_tokens:
+    """The head's input for the check row: the hidden states of the first m0 response tokens (earlier
+    rows' from ``H``, then this row's at ``pos``), shaped like the row's (1, m0, d)."""
+
+    def __init__(self, H, pos, m0, T):
+        self.H, self.pos, self.m0, self.T, self.sub = list(H), pos, m0, T, None
+
+    def __call__(self, h):
+        if h.numel() % self.T:
+            raise GesimError("the output head was not called on the row's hidden states")
+        own = h.detach().reshape(self.T, -1)[self.pos]
+        sub = torch.cat([x.to(own.dtype) for x in self.H] + [own])[:self.m0]
+        self.sub = sub.reshape(*h.shape[:-2], self.m0, -1) if h.dim() > 2 else sub
+        return self.sub
+
+
+def _check_head(logits, head, h, dtype):
+    """The model's logits at the check positions equal its head applied to the head's input there
+    (on up to 512 vocabulary columns spread over V: soft-capping or scaling would change them all);
+    returns them as (m0, V) in ``dtype`` (None if the model's logits have another dtype)."""
     if h is None:
         raise GesimError("the output head was not called in the forward pass")
     V = head.weight.shape[0]
     cols = torch.linspace(0, V - 1, min(V, 512), device=head.weight.device).long()
+    h = h.reshape(-1, h.shape[-1])
     with torch.no_grad():
-        got = logits.detach().reshape(-1, V)[:1, cols]
+        got = logits.detach().reshape(-1, V)[:, cols] if logits.shape[-1] == V else None
         b = head.bias[cols] if head.bias is not None else None
-        want = torch.nn.functional.linear(h.detach().reshape(-1, h.shape[-1])[:1], head.weight[cols], b)
-    if got.shape != want.shape or not close(got, want):
+        want = torch.nn.functional.linear(h, head.weight[cols], b)
+    if got is None or got.shape != want.shape or not close(got, want):
         raise GesimError("the model's logits are not its output head applied to the head's input "
                          "(soft-capping or scaling after the head): no closed form for the head")
+    return logits.detach().reshape(-1, V) if logits.dtype == dtype else None
 
 
 def _check_uses(plan, caps):
@@ -392,12 +433,15 @@ def _linear(K, uses, grads, spans, multi, roles, module, dtype):
                 K[spans[r], spans[r2]] += grads[id(u)].reshape(grads[id(u)].shape[0], -1) @ Y.reshape(Y.shape[0], -1).T
         return
     step = max(1, MAT_CAP // max(M * d_in, 1))
+    wide_out = d_out >= d_in  # each token's GEMM writes rows along the wider side (measured faster)
     for o0 in range(0, d_out, step):  # split over d_out: memory M x step x d_in
         per_row = {}
         for r, u in uses:  # G_k = B_k^T A_r for all tokens of the row: one batched GEMM, no copies
-            G = torch.matmul(grads[id(u)][:, :, o0:o0 + step].transpose(1, 2), u.a)  # (K_r, o, d_in)
+            B = grads[id(u)][:, :, o0:o0 + step]
+            G = torch.matmul(u.a.T, B) if wide_out else torch.matmul(B.transpose(1, 2), u.a)  # G_k^T or G_k
             per_row[r] = per_row[r] + G if r in per_row else G
-        J = torch.cat([per_row[r].reshape(per_row[r].shape[0], -1) for r in sorted(per_row)])
+        parts = [per_row[r].reshape(per_row[r].shape[0], -1) for r in sorted(per_row)]
+        J = parts[0] if len(parts) == 1 else torch.cat(parts)  # <G_k, G_l> is the same for G or G^T
         K.addmm_(J, J.T)
 
 
