@@ -396,30 +396,53 @@ def _products(K, plan, caps, grads, rows, head_W, Hm, y, U, qU, dtype):
     for r, cap in live:
         for u in cap.uses:
             per_module[u.module].append((r, u))
+    vectors = _Vectors(K)
     for module, (_, kind, roles) in plan.items():
         uses = per_module[module]
         multi = len(uses) > len(live)  # called more than once per row
         if kind == "linear":
-            _linear(K, uses, grads, spans, multi, roles, module, dtype)
+            _linear(K, uses, grads, spans, multi, roles, module, dtype, vectors)
         elif kind == "embedding":
             tied = roles["weight"] is head_W
             _embedding(K, uses, grads, spans, tied, Hm, U, qU)
         else:
             for role in roles:
-                J = torch.zeros(K.shape[0], roles[role].numel(), dtype=dtype, device=K.device)
-                for r, u in uses:
-                    b = grads[id(u)]
-                    J[spans[r]] += (b.reshape(b.shape[0], *u.a[role].shape) * u.a[role]).sum(1).reshape(b.shape[0], -1)
-                K += J @ J.T
+                vectors.add([(spans[r], (grads[id(u)].reshape(grads[id(u)].shape[0], *u.a[role].shape) * u.a[role])
+                              .sum(1).reshape(grads[id(u)].shape[0], -1)) for r, u in uses])
+    vectors.flush()
 
 
-def _linear(K, uses, grads, spans, multi, roles, module, dtype):
+class _Vectors:
+    """Per-token gradients of vector parameters (biases, norm weights), (M, n) each, stacked side by
+    side and added to K as one Gram (one GEMM instead of one per parameter; memory <= MAT_CAP)."""
+
+    def __init__(self, K):
+        self.K, self.blocks, self.size = K, [], 0
+
+    def add(self, parts):
+        """``parts``: [(token span, (K_r, n) rows)]; rows of the same span are summed (repeated uses)."""
+        if len(parts) == 1 and parts[0][0] == slice(0, self.K.shape[0]):
+            J = parts[0][1]
+        else:
+            J = torch.zeros(self.K.shape[0], parts[0][1].shape[1], dtype=self.K.dtype, device=self.K.device)
+            for span, rows in parts:
+                J[span] += rows
+        self.blocks.append(J)
+        self.size += J.numel()
+        if self.size >= MAT_CAP:
+            self.flush()
+
+    def flush(self):
+        if self.blocks:
+            J = torch.cat(self.blocks, 1) if len(self.blocks) > 1 else self.blocks[0]
+            self.K.addmm_(J, J.T)
+        self.blocks, self.size = [], 0
+
+
+def _linear(K, uses, grads, spans, multi, roles, module, dtype, vectors):
     M = K.shape[0]
     if "bias" in roles:
-        J = torch.zeros(M, roles["bias"].numel(), dtype=dtype, device=K.device)
-        for r, u in uses:
-            J[spans[r]] += grads[id(u)].sum(1)
-        K += J @ J.T
+        vectors.add([(spans[r], grads[id(u)].sum(1)) for r, u in uses])
     if "weight" not in roles:
         return
     A0, B0 = uses[0][1].a, grads[id(uses[0][1])]
