@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gesim import GesimError, probe
-from gesim.probe import tokens, toy
+from gesim.probe import lmhead, tokens, toy
 from gesim.probe.reference import reference_token_gram
 
 RTOL = 1e-10
@@ -66,11 +66,11 @@ def test_cost_rule_counts_all_pairs_of_the_full_gram():
         assert (c["ghost"] < c["materialise"]) == (T < d_in)
 
 
-@pytest.mark.parametrize("chunk", [tokens.CHUNK, 7])
+@pytest.mark.parametrize("chunk", [lmhead.CHUNK, 7])
 def test_head_block_closed_form_matches_the_loop_in_vocabulary_chunks(monkeypatch, chunk):
     """The LM head alone (untied): (h_a . h_b)(1[y_a=y_b] - p_a[y_b] - p_b[y_a] + <p_a, p_b>),
     with the online softmax over chunks of a few vocabulary columns."""
-    monkeypatch.setattr(tokens, "CHUNK", chunk)
+    monkeypatch.setattr(lmhead, "CHUNK", chunk)
     m = toy.build_model("gpt2", vocab_size=300, d=16, tied=False).double()
     head = m.get_output_embeddings().weight
     assert _gap(m, *_rows(300), params=lambda n, p: p is head) < RTOL
@@ -83,13 +83,32 @@ def test_head_closed_form_by_hand():
     H = torch.randn(5, 4, generator=g, dtype=torch.float64)
     W = torch.randn(9, 4, generator=g, dtype=torch.float64)
     y, U = torch.tensor([1, 3, 1, 8, 0]), torch.tensor([0, 2, 3])
-    lse, qW, QQ, qU = tokens._head_pass(H, W, None, y, U)
+    lse, qW, QQ, qU = lmhead.head_pass(H, W, None, y, U)
     q = torch.nn.functional.one_hot(y, 9).double() - torch.softmax(H @ W.T, -1)
     G = torch.stack([torch.outer(q[k], H[k]) for k in range(5)])
     want = torch.einsum("kvd,lvd->kl", G, G)
     assert torch.allclose((H @ H.T) * QQ, want, rtol=1e-12, atol=1e-14)
     assert torch.allclose(qW, q @ W, rtol=1e-12) and torch.allclose(lse, torch.logsumexp(H @ W.T, -1))
     assert torch.allclose(qU, q[:, U], rtol=1e-12)
+
+
+@pytest.mark.parametrize("m0", [1, 3, 5])
+@pytest.mark.parametrize("chunk", [lmhead.CHUNK, 7])
+def test_head_pass_on_the_models_own_logits_equals_recomputing_them(monkeypatch, m0, chunk):
+    """The check forward's logits of the first m0 tokens (Z0, bias included) replace the head pass's
+    own GEMM for those tokens: same result, with and without bias, in one chunk or many."""
+    monkeypatch.setattr(lmhead, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(4)
+    H = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    W = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    y, U = torch.tensor([1, 3, 1, 8, 0]), torch.tensor([0, 2, 3])
+    for b in (None, torch.randn(9, generator=g, dtype=torch.float64)):
+        Z0 = torch.nn.functional.linear(H[:m0], W, b)
+        for need_pw in (True, False):
+            want = lmhead.head_pass(H, W, b, y, U, need_pw=need_pw)
+            got = lmhead.head_pass(H, W, b, y, U, need_pw=need_pw, Z0=Z0)
+            for w, x in zip(want, got):
+                assert torch.allclose(w, x, rtol=1e-12, atol=1e-14)
 
 
 def test_api_token_gram_uses_the_fast_path_and_refuses_a_post_processed_head():

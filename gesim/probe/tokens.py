@@ -19,25 +19,13 @@ exact forms, counting the FLOPs of all M^2 pairs of a full Gram:
 Embeddings: ``G_k = sum_t e_{x_t} c_kt^T`` grouped over the U distinct ids of the batch,
 ``S_k`` (U, d), then ``S S^T``. Vector parameters (biases, norm weights): per-token vectors.
 
-**LM head, closed form.** Only position t-1's logits ``z = W h + b`` depend on the head for
-token k, so ``grad_W log p_k = (e_{y_k} - p_k) h_k^T`` and, with ``<u v^T, u' v'^T> = (u.u')
-(v.v')``,
-
-    <H_k, H_l> = (h_k . h_l) (1[y_k = y_l] - p_k[y_l] - p_l[y_k] + <p_k, p_l>)
-
-(the bias: the second factor alone). The second factor is computed as ``<q_k, q_l>`` with
-``q = e_y - p`` summed directly (:func:`_head_pass`: the four-term form cancels in float32
-where the model is confident). It costs ``2 M V d`` (logits) + ``2 M^2 V`` (``<q_k, q_l>``)
-instead of a (T, V) x (V, d) weight gradient per token, and is taken in vocabulary chunks with
-an online softmax (running max, rescaled accumulators), so memory is ``M x chunk`` whatever V.
-A tied head (``W`` is also the input embedding) adds the cross terms ``<E_k, H_l> = sum_x
-(e_{y_l} - p_l)[x] (S_k[x] . h_l)`` over the ids x of the batch (one GEMM) and their transposes.
+**LM head, closed form** (:mod:`gesim.probe.lmhead`): only position t-1's logits depend on the head
+for token k; its block is ``(h_k . h_l) <q_k, q_l>`` with ``q = e_y - p``, in vocabulary chunks.
 The forward of each row stops at the head's input (the (T, V) logits are never formed; without a
-selected body parameter it runs without a graph); on the first row the head runs on the first
-position alone, and the model's logits there are checked against ``W h + b``, so a head that
-post-processes its logits (soft-capping, scaling) is refused. ``q @ W`` (``2 M V d``, the
-cotangent ``W^T (e_y - p)`` into the body) is skipped when only the head is selected. W is read
-in chunks of ``ROWS`` rows, each used for the logits and for ``q @ W`` while it is in cache.
+selected body parameter it runs without a graph); on the last row the model's own head runs on the
+hidden states of the first ``m0 = CHUNK // V`` response tokens (at least one), its logits are
+checked against ``W h + b`` (a head that post-processes its logits, soft-capping or scaling, is
+refused) and reused by the head pass, so that check costs no extra read of W.
 
 Modules other than Linear / HF Conv1D / Embedding / LayerNorm / elementwise-parameter norms,
 and parameters used outside their module, are refused with a GesimError (``token_gram``'s
@@ -52,11 +40,10 @@ import torch
 
 from gesim import lm
 from gesim.errors import GesimError
+from gesim.probe import lmhead
 from gesim.probe.layers import ElementwiseRule, RuleHost, Use, close, rule_for
 from gesim.probe.reference import selected_named
 
-CHUNK = 1 << 21  # elements of one (tokens x vocabulary) chunk of logits
-ROWS = 2048  # vocabulary rows of W per chunk: the chunk is read from memory once, reused from cache
 MAT_CAP = 1 << 25  # elements of one materialised (tokens x d_out x d_in) block; larger layers are split over d_out
 
 
@@ -173,81 +160,6 @@ def _plan(model, head, chosen):
     return plan, head_roles
 
 
-def _head_pass(H, W, b, y, U, need_pw=True, Z0=None):
-    """The head's quantities for the M tokens from ``q_k = e_{y_k} - p_k`` (the gradient of
-    log p_k with respect to its logits), in one pass over vocabulary chunks with an online
-    softmax (running max, rescaled accumulators): ``QQ = <q_k, q_l>`` (M, M), ``qW = q @ W``
-    (M, d: the cotangent ``W^T (e_y - p)`` into the body), ``qU = q[:, U]`` (M, |U|), ``lse``.
-    ``Z0`` (m0, V): the logits of the first m0 tokens as the model computed them (bias included),
-    used instead of recomputing them.
-
-    q is summed directly, never as ``1[y_k = y_l] - p_k[y_l] - p_l[y_k] + <p_k, p_l>`` or
-    ``W_y - p @ W``: where the model is confident (p_k[y_k] near 1) those forms cancel
-    catastrophically (measured on an SFT model in float32: token cosines off by 2e-3 against
-    the per-token loop's 3e-6). Here ``q_k = -p_off_k + rest_k e_{y_k}`` with ``p_off`` the
-    probabilities off the token's own column and ``rest_k = 1 - p_k[y_k]`` taken as their sum,
-    so every accumulator is a sum of like-signed terms.
-
-    Chunks: ``CHUNK // M`` vocabulary rows (memory M x chunk), at most ``ROWS`` when W's chunk is
-    used twice (logits, then ``e @ W_c``), so the second use reads it from cache. Each token's own
-    column is zeroed by index in the one chunk that holds it (lists built once, no per-chunk search).
-    """
-    M, V = H.shape[0], W.shape[0]
-    m0 = 0 if Z0 is None else Z0.shape[0]
-    step = max(1, CHUNK // max(M, 1))
-    if need_pw and m0 < M:
-        step = min(step, ROWS)
-    own = defaultdict(lambda: ([], []))  # chunk -> (tokens, their own column in the chunk)
-    for k, v in enumerate(y.tolist()):
-        own[v // step][0].append(k)
-        own[v // step][1].append(v % step)
-    Hc = H[m0:]
-
-    def logits(cols):  # (M, len(cols)) logits at the given vocabulary columns (a slice or an index tensor)
-        parts = [Z0[:, cols]] if m0 else []
-        if m0 < M:
-            Wc = W[cols]
-            parts.append(Hc @ Wc.T if b is None else torch.addmm(b[cols], Hc, Wc.T))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    m = torch.full((M,), -torch.inf, dtype=H.dtype, device=H.device)
-    s_off = torch.zeros(M, dtype=H.dtype, device=H.device)  # sum_{v != y} exp(z_v - m)
-    eW = torch.zeros_like(H)
-    EE = torch.zeros(M, M, dtype=H.dtype, device=H.device)
-    for j, v0 in enumerate(range(0, V, step)):
-        sl = slice(v0, v0 + step)
-        z = logits(sl)
-        m_new = torch.maximum(m, z.amax(1))
-        scale = torch.exp(m - m_new)
-        e = (z - m_new[:, None]).exp_()
-        if j in own:  # off the token's own column
-            ks, cs = own[j]
-            e[torch.tensor(ks, device=e.device), torch.tensor(cs, device=e.device)] = 0.0
-        s_off.mul_(scale).add_(e.sum(1))
-        if need_pw:
-            eW.mul_(scale[:, None]).addmm_(e, W[sl])
-        EE.mul_(scale[:, None] * scale[None, :]).addmm_(e, e.T)
-        m = m_new
-    z_y = (H * W[y]).sum(1) + (b[y] if b is not None else 0)
-    if m0:
-        z_y[:m0] = Z0.gather(1, y[:m0, None])[:, 0]
-    s = s_off + torch.exp(z_y - m)
-    lse = m + torch.log(s)
-    rest = s_off / s  # 1 - p_k[y_k], as a sum
-
-    def p_off(cols):  # p_k[cols], 0 where the column is the token's own y
-        return torch.exp(logits(cols) - lse[:, None]).masked_fill(y[:, None] == cols[None, :], 0.0)
-
-    QQ = EE / (s[:, None] * s[None, :])  # <p_off_k, p_off_l>
-    cross = -p_off(y) * rest[None, :]  # [k, l] = q_off_k[y_l] rest_l
-    QQ += cross + cross.T + rest[:, None] * rest[None, :] * (y[:, None] == y[None, :]).to(H.dtype)
-    qW = -eW / s[:, None] + rest[:, None] * W[y] if need_pw else eW
-    qU = None
-    if U is not None:
-        qU = -p_off(U) + rest[:, None] * (y[:, None] == U[None, :]).to(H.dtype)
-    return lse, qW, QQ, qU
-
-
 def fast_token_gram(model, ids, mask, select="all"):
     """See :func:`gesim.probe.token_gram`; returns (K (M, M), index [(row, t)])."""
     from gesim.probe.api import output_head
@@ -271,13 +183,13 @@ def fast_token_gram(model, ids, mask, select="all"):
         with torch.enable_grad():
             caps, H, Z0 = [], [], None
             last = max(r for r in range(N) if rows[r])
-            m0 = min(len(index), max(1, CHUNK // W.shape[0]))  # tokens whose logits the model's head computes
+            m0 = min(len(index), max(1, lmhead.CHUNK // W.shape[0]))  # tokens whose logits the model's head computes
             for r in range(N):  # one forward per row, up to the head's input
                 if not rows[r]:
                     caps.append(None)
                     continue
                 pos = torch.tensor(rows[r], device=ids.device) - 1
-                check = _first_tokens(H, pos, m0, T) if r == last else None
+                check = lmhead.FirstTokens(H, pos, m0, T) if r == last else None
                 with _Capture(plan, head, T, dtype, check) as cap, torch.set_grad_enabled(bool(plan)):
                     try:
                         logits = lm.logits(model, ids[r:r + 1])
@@ -288,7 +200,7 @@ def fast_token_gram(model, ids, mask, select="all"):
                 if cap.h is None or cap.h.numel() % T:
                     raise GesimError("the output head was not called on the row's hidden states")
                 if check:
-                    Z0 = _check_head(logits, head, check.sub, dtype)
+                    Z0 = lmhead.check_head(logits, head, check.sub, dtype)
                 cap.h = cap.h.reshape(T, -1)
                 H.append(cap.h.detach()[pos].to(dtype))
                 caps.append((cap, pos))
@@ -298,7 +210,7 @@ def fast_token_gram(model, ids, mask, select="all"):
             Wd = W.detach().to(dtype)
             bias = head.bias.detach().to(dtype) if head.bias is not None else None
             emb_ids = _embedding_ids(W, caps)
-            _, cot, D, qU = _head_pass(Hm, Wd, bias, y, emb_ids, need_pw=bool(plan), Z0=Z0)
+            _, cot, D, qU = lmhead.head_pass(Hm, Wd, bias, y, emb_ids, need_pw=bool(plan), Z0=Z0)
             # cot = W^T (e_y - p): d log p_k / d h at position t-1; D = <q_k, q_l>
             K = torch.zeros(len(index), len(index), dtype=dtype, device=Hm.device)
             if "weight" in head_roles or "bias" in head_roles:
@@ -312,41 +224,6 @@ def fast_token_gram(model, ids, mask, select="all"):
             p.requires_grad_(flag)
     _products(K, plan, caps, grads, rows, head_roles.get("weight"), Hm, y, emb_ids, qU, dtype)
     return K, index
-
-
-class _first_tokens:
-    """The head's input for the check row: the hidden states of the first m0 response tokens (earlier
-    rows' from ``H``, then this row's at ``pos``), shaped like the row's (1, m0, d)."""
-
-    def __init__(self, H, pos, m0, T):
-        self.H, self.pos, self.m0, self.T, self.sub = list(H), pos, m0, T, None
-
-    def __call__(self, h):
-        if h.numel() % self.T:
-            raise GesimError("the output head was not called on the row's hidden states")
-        own = h.detach().reshape(self.T, -1)[self.pos]
-        sub = torch.cat([x.to(own.dtype) for x in self.H] + [own])[:self.m0]
-        self.sub = sub.reshape(*h.shape[:-2], self.m0, -1) if h.dim() > 2 else sub
-        return self.sub
-
-
-def _check_head(logits, head, h, dtype):
-    """The model's logits at the check positions equal its head applied to the head's input there
-    (on up to 512 vocabulary columns spread over V: soft-capping or scaling would change them all);
-    returns them as (m0, V) in ``dtype`` (None if the model's logits have another dtype)."""
-    if h is None:
-        raise GesimError("the output head was not called in the forward pass")
-    V = head.weight.shape[0]
-    cols = torch.linspace(0, V - 1, min(V, 512), device=head.weight.device).long()
-    h = h.reshape(-1, h.shape[-1])
-    with torch.no_grad():
-        got = logits.detach().reshape(-1, V)[:, cols] if logits.shape[-1] == V else None
-        b = head.bias[cols] if head.bias is not None else None
-        want = torch.nn.functional.linear(h, head.weight[cols], b)
-    if got is None or got.shape != want.shape or not close(got, want):
-        raise GesimError("the model's logits are not its output head applied to the head's input "
-                         "(soft-capping or scaling after the head): no closed form for the head")
-    return logits.detach().reshape(-1, V) if logits.dtype == dtype else None
 
 
 def _check_uses(plan, caps):
