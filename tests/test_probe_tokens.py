@@ -145,6 +145,12 @@ def test_bench_quick_token_part_is_gated_and_counts_its_floor(tmp_path):
         assert row[part]["loop_over_fast"] > 0
     counts = row["all_params"]["counted_flops"]
     assert counts["products"] > 0 and counts["head"] > 0 and row["all_params"]["fast_over_floor"] > 0
+    for part in ("all_params", "head_block"):  # the head's thin GEMMs at their best measured shape rate
+        rates = row[part]["head_gemm_rates"]
+        assert rates["logits"]["flop_per_s"] == max(rates["logits"]["tried"].values()) > 0
+        assert rates["cotangent"]["flop_per_s"] == max(rates["cotangent"]["tried"].values()) > 0
+    assert row["all_params"]["floor_head_at_shape_rates_cpu_s"] > row["all_params"]["sequential_part_cpu_s"]
+    assert row["head_block"]["bound_cpu_s"] > row["head_block"]["forward_to_head_cpu_s"] > 0
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
