@@ -49,12 +49,13 @@ def test_token_gram_own_gpt_matches_per_token_loop_fp64(tied):
     assert _gap(_own_gpt(tied), *_rows(51, N=2)) < RTOL
 
 
-@pytest.mark.parametrize("form", ["ghost", "materialise"])
-def test_both_exact_forms_of_the_layer_products_match_the_loop(monkeypatch, form):
-    """The cost rule only chooses between two exact forms: force each one (and the d_out split)."""
+@pytest.mark.parametrize("form,cap", [("ghost", 100), ("materialise", 100), ("materialise", tokens.MAT_CAP)])
+def test_both_exact_forms_of_the_layer_products_match_the_loop(monkeypatch, form, cap):
+    """The cost rule only chooses between two exact forms: force each one; materialised with the d_out
+    split (from (M, T, d_out) buffers) and in one piece (streamed per token as the backward runs)."""
     other = "materialise" if form == "ghost" else "ghost"
     monkeypatch.setattr(tokens, "linear_gram_flops", lambda *a: {form: 0, other: 1})
-    monkeypatch.setattr(tokens, "MAT_CAP", 100)  # materialised layers split over d_out
+    monkeypatch.setattr(tokens, "MAT_CAP", cap)  # 100: materialised layers split over d_out
     m = toy.build_model("gpt2", vocab_size=60, d=16, tied=True).double()
     assert _gap(m, *_rows(60)) < RTOL
 

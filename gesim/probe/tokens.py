@@ -218,11 +218,12 @@ def fast_token_gram(model, ids, mask, select="all"):
                     K += (Hm @ Hm.T) * D
                 if "bias" in head_roles:
                     K += D
-            grads = _backward(caps, cot, dtype) if plan else {}
+            streams = _streams(plan, caps, len(index), dtype, Hm.device)
+            grads = _backward(caps, cot, dtype, streams) if plan else {}
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
-    _products(K, plan, caps, grads, rows, head_roles.get("weight"), Hm, y, emb_ids, qU, dtype)
+    _products(K, plan, caps, grads, rows, head_roles.get("weight"), Hm, y, emb_ids, qU, dtype, streams)
     return K, index
 
 
@@ -240,28 +241,78 @@ def _embedding_ids(W, caps):
     return torch.unique(torch.cat(looked)) if looked else None
 
 
-def _backward(caps, cot, dtype):
-    """{id(use): (K_r, T, d_out) output gradients} by one activation-only backward per token."""
+def _backward(caps, cot, dtype, streams):
+    """{id(use): (K_r, T, d_out) output gradients} by one activation-only backward per token (uses
+    of a streamed module: handed to its :class:`_Stream` as they arrive, not kept)."""
     out, k0 = {}, 0
     for cap, pos in (c for c in caps if c):
         uses = cap.uses
         targets = [u.extra.pop("out") for u in uses]
         h = cap.h
-        grads = [torch.empty(len(pos), *t.shape[1:] if t.shape[0] == 1 else t.shape, dtype=dtype, device=t.device)
-                 for t in targets]
+        grads = [None if u.module in streams else
+                 torch.empty(len(pos), *t.shape[1:] if t.shape[0] == 1 else t.shape, dtype=dtype, device=t.device)
+                 for u, t in zip(uses, targets)]
         for k, p in enumerate(pos.tolist()):
             seed = torch.zeros_like(h)
             seed[p] = cot[k0 + k].to(h.dtype)
             got = torch.autograd.grad(h, targets, seed, retain_graph=k + 1 < len(pos), allow_unused=True)
-            for g, buf in zip(got, grads):
-                buf[k] = g.reshape(buf.shape[1:]) if g is not None else 0
+            for u, g, buf in zip(uses, got, grads):
+                if buf is None:
+                    streams[u.module].take(k0 + k, u.a, g)
+                else:
+                    buf[k] = g.reshape(buf.shape[1:]) if g is not None else 0
         for u, g in zip(uses, grads):
-            out[id(u)] = g.reshape(len(pos), cap.T, -1) if g.dim() > 2 else g.reshape(len(pos), 1, -1)
+            if g is not None:
+                out[id(u)] = g.reshape(len(pos), cap.T, -1) if g.dim() > 2 else g.reshape(len(pos), 1, -1)
         k0 += len(pos)
     return out
 
 
-def _products(K, plan, caps, grads, rows, head_W, Hm, y, U, qU, dtype):
+class _Stream:
+    """A materialised linear layer's per-token weight gradients written as each token's output
+    gradient arrives, so no (M, T, d_out) buffer is kept for it (the copy into one cost about 10%
+    of the token Gram at T 128): ``J[k] = A_r^T B_k`` (or its transpose: the GEMM runs along the
+    wider side) and, with a bias, ``B_k`` summed over positions."""
+
+    def __init__(self, M, d_in, d_out, bias, dtype, device):
+        self.wide_out = d_out >= d_in
+        self.J = torch.empty(M, *((d_in, d_out) if self.wide_out else (d_out, d_in)), dtype=dtype, device=device)
+        self.b = torch.empty(M, d_out, dtype=dtype, device=device) if bias else None
+
+    def take(self, k, a, g):
+        if g is None:
+            self.J[k] = 0
+            if self.b is not None:
+                self.b[k] = 0
+            return
+        g = g.reshape(a.shape[0], -1).to(self.J.dtype)
+        torch.mm(a.T, g, out=self.J[k]) if self.wide_out else torch.mm(g.T, a, out=self.J[k])
+        if self.b is not None:
+            torch.sum(g, 0, out=self.b[k])
+
+
+def _streams(plan, caps, M, dtype, device):
+    """{module: _Stream} for the linear layers whose block is materialised in one piece (the cost rule
+    picks it, each row calls the layer once, M d_in d_out <= MAT_CAP)."""
+    live = [c[0] for c in caps if c]
+    out = {}
+    for module, (_, kind, roles) in plan.items():
+        if kind != "linear" or "weight" not in roles:
+            continue
+        per_row = [[u for u in cap.uses if u.module is module] for cap in live]
+        if any(len(us) != 1 for us in per_row):
+            continue
+        a = per_row[0][0].a
+        T, d_in = a.shape
+        d_out = per_row[0][0].extra["out"].numel() // T
+        cost = linear_gram_flops(M, len(live), T, d_in, d_out)
+        if cost["ghost"] < cost["materialise"] or M * d_in * d_out > MAT_CAP:
+            continue
+        out[module] = _Stream(M, d_in, d_out, "bias" in roles, dtype, device)
+    return out
+
+
+def _products(K, plan, caps, grads, rows, head_W, Hm, y, U, qU, dtype, streams):
     """Adds every hooked parameter's block to K."""
     spans, k0 = [], 0
     for c in caps:
@@ -277,7 +328,12 @@ def _products(K, plan, caps, grads, rows, head_W, Hm, y, U, qU, dtype):
     for module, (_, kind, roles) in plan.items():
         uses = per_module[module]
         multi = len(uses) > len(live)  # called more than once per row
-        if kind == "linear":
+        if module in streams:
+            st = streams[module]
+            if st.b is not None:
+                vectors.add([(slice(0, K.shape[0]), st.b)])
+            K.addmm_(st.J.reshape(K.shape[0], -1), st.J.reshape(K.shape[0], -1).T)
+        elif kind == "linear":
             _linear(K, uses, grads, spans, multi, roles, module, dtype, vectors)
         elif kind == "embedding":
             tied = roles["weight"] is head_W
