@@ -11,13 +11,15 @@ gradients, no pass through the head) gives ``B_k`` (T, d_out). Per layer the per
 gradient is ``G_k = B_k^T A_r``, and the layer's (M, M) block is taken by the cheaper of two
 exact forms, counting the FLOPs of all M^2 pairs of a full Gram:
 
-* materialised: ``J = [vec G_k]`` (M, d_in d_out) by one GEMM per row, then ``J J^T``:
-  ``2 M T d_in d_out + 2 M^2 d_in d_out``;
+* materialised: ``J = [vec G_k]`` (M, d_in d_out), then ``J J^T``: ``2 M T d_in d_out +
+  2 M^2 d_in d_out``; ``J[k]`` is written as token k's backward returns (:class:`_Stream`), or, for a
+  layer split over d_out (memory) or called more than once per row, by one GEMM per row afterwards;
 * ghost: ``<G_k, G_l> = <B_k, (A_r A_r'^T) B_l>_F``: ``2 N^2 T^2 d_in + 2 N M T^2 d_out +
   2 M^2 T d_out``; cheaper when T < d_in (short rows, wide layers).
 
 Embeddings: ``G_k = sum_t e_{x_t} c_kt^T`` grouped over the U distinct ids of the batch,
-``S_k`` (U, d), then ``S S^T``. Vector parameters (biases, norm weights): per-token vectors.
+``S_k`` (U, d), then ``S S^T``. Vector parameters (biases, norm weights): per-token vectors,
+stacked side by side into one Gram.
 
 **LM head, closed form** (:mod:`gesim.probe.lmhead`): only position t-1's logits depend on the head
 for token k; its block is ``(h_k . h_l) <q_k, q_l>`` with ``q = e_y - p``, in vocabulary chunks.
