@@ -468,7 +468,12 @@ def main(argv=None):
               "settings": rows}
     grams = [(512, 32)] if args.quick else [(v, t) for v in (512, 8192, 50257) for t in (32, 128)]
     if args.token_settings:
-        grams = [tuple(int(x) for x in s.split("x")) for s in args.token_settings.split(",")]
+        try:
+            grams = [(int(v), int(t)) for v, t in (s.split("x") for s in args.token_settings.split(","))]
+        except ValueError:
+            ap.error(f"--token-settings: expected VxT pairs like 50257x32,512x128, got {args.token_settings!r}")
+        if any(v < 4 or t < 8 for v, t in grams):
+            ap.error("--token-settings: V >= 4 and T >= 8 (the response is the last T/4 tokens)")
     if device == "cpu" and args.only != "pairs":
         result["token_gram"] = {"note": TOKEN_NOTE, "rows": [bench_token_gram(v, t, args.token_reps)
                                                             for v, t in grams]}

@@ -154,6 +154,19 @@ def test_bench_quick_token_part_is_gated_and_counts_its_floor(tmp_path):
     assert row["head_block"]["bound_cpu_s"] > row["head_block"]["forward_to_head_cpu_s"] > 0
 
 
+@pytest.mark.parametrize("bad", ["5x", "512x32,x8", "512x4"])
+def test_bench_token_settings_refuses_bad_input_with_exit_2(bad, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "probe.py"
+    spec = importlib.util.spec_from_file_location("bench_probe", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--only", "tokens", "--token-settings", bad, "--out", "/nonexistent/never-written.json"])
+    assert exc.value.code == 2 and "--token-settings" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_lora_subset_and_a_row_without_response_tokens(arch):
     """params='lora' on a PEFT model (LoRA factors are Linear uses; the frozen head only routes the
