@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gesim import GesimError, probe
-from gesim.probe import tokens, toy
+from gesim.probe import lmhead, tokens, toy
 from gesim.probe.reference import reference_token_gram
 
 RTOL = 1e-10
@@ -49,12 +49,13 @@ def test_token_gram_own_gpt_matches_per_token_loop_fp64(tied):
     assert _gap(_own_gpt(tied), *_rows(51, N=2)) < RTOL
 
 
-@pytest.mark.parametrize("form", ["ghost", "materialise"])
-def test_both_exact_forms_of_the_layer_products_match_the_loop(monkeypatch, form):
-    """The cost rule only chooses between two exact forms: force each one (and the d_out split)."""
+@pytest.mark.parametrize("form,cap", [("ghost", 100), ("materialise", 100), ("materialise", tokens.MAT_CAP)])
+def test_both_exact_forms_of_the_layer_products_match_the_loop(monkeypatch, form, cap):
+    """The cost rule only chooses between two exact forms: force each one; materialised with the d_out
+    split (from (M, T, d_out) buffers) and in one piece (streamed per token as the backward runs)."""
     other = "materialise" if form == "ghost" else "ghost"
     monkeypatch.setattr(tokens, "linear_gram_flops", lambda *a: {form: 0, other: 1})
-    monkeypatch.setattr(tokens, "MAT_CAP", 100)  # materialised layers split over d_out
+    monkeypatch.setattr(tokens, "MAT_CAP", cap)  # 100: materialised layers split over d_out
     m = toy.build_model("gpt2", vocab_size=60, d=16, tied=True).double()
     assert _gap(m, *_rows(60)) < RTOL
 
@@ -66,11 +67,11 @@ def test_cost_rule_counts_all_pairs_of_the_full_gram():
         assert (c["ghost"] < c["materialise"]) == (T < d_in)
 
 
-@pytest.mark.parametrize("chunk", [tokens.CHUNK, 7])
+@pytest.mark.parametrize("chunk", [lmhead.CHUNK, 7])
 def test_head_block_closed_form_matches_the_loop_in_vocabulary_chunks(monkeypatch, chunk):
     """The LM head alone (untied): (h_a . h_b)(1[y_a=y_b] - p_a[y_b] - p_b[y_a] + <p_a, p_b>),
     with the online softmax over chunks of a few vocabulary columns."""
-    monkeypatch.setattr(tokens, "CHUNK", chunk)
+    monkeypatch.setattr(lmhead, "CHUNK", chunk)
     m = toy.build_model("gpt2", vocab_size=300, d=16, tied=False).double()
     head = m.get_output_embeddings().weight
     assert _gap(m, *_rows(300), params=lambda n, p: p is head) < RTOL
@@ -83,13 +84,32 @@ def test_head_closed_form_by_hand():
     H = torch.randn(5, 4, generator=g, dtype=torch.float64)
     W = torch.randn(9, 4, generator=g, dtype=torch.float64)
     y, U = torch.tensor([1, 3, 1, 8, 0]), torch.tensor([0, 2, 3])
-    lse, qW, QQ, qU = tokens._head_pass(H, W, None, y, U)
+    lse, qW, QQ, qU = lmhead.head_pass(H, W, None, y, U)
     q = torch.nn.functional.one_hot(y, 9).double() - torch.softmax(H @ W.T, -1)
     G = torch.stack([torch.outer(q[k], H[k]) for k in range(5)])
     want = torch.einsum("kvd,lvd->kl", G, G)
     assert torch.allclose((H @ H.T) * QQ, want, rtol=1e-12, atol=1e-14)
     assert torch.allclose(qW, q @ W, rtol=1e-12) and torch.allclose(lse, torch.logsumexp(H @ W.T, -1))
     assert torch.allclose(qU, q[:, U], rtol=1e-12)
+
+
+@pytest.mark.parametrize("m0", [1, 3, 5])
+@pytest.mark.parametrize("chunk", [lmhead.CHUNK, 7])
+def test_head_pass_on_the_models_own_logits_equals_recomputing_them(monkeypatch, m0, chunk):
+    """The check forward's logits of the first m0 tokens (Z0, bias included) replace the head pass's
+    own GEMM for those tokens: same result, with and without bias, in one chunk or many."""
+    monkeypatch.setattr(lmhead, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(4)
+    H = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    W = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    y, U = torch.tensor([1, 3, 1, 8, 0]), torch.tensor([0, 2, 3])
+    for b in (None, torch.randn(9, generator=g, dtype=torch.float64)):
+        Z0 = torch.nn.functional.linear(H[:m0], W, b)
+        for need_pw in (True, False):
+            want = lmhead.head_pass(H, W, b, y, U, need_pw=need_pw)
+            got = lmhead.head_pass(H, W, b, y, U, need_pw=need_pw, Z0=Z0)
+            for w, x in zip(want, got):
+                assert torch.allclose(w, x, rtol=1e-12, atol=1e-14)
 
 
 def test_api_token_gram_uses_the_fast_path_and_refuses_a_post_processed_head():
@@ -126,6 +146,25 @@ def test_bench_quick_token_part_is_gated_and_counts_its_floor(tmp_path):
         assert row[part]["loop_over_fast"] > 0
     counts = row["all_params"]["counted_flops"]
     assert counts["products"] > 0 and counts["head"] > 0 and row["all_params"]["fast_over_floor"] > 0
+    for part in ("all_params", "head_block"):  # the head's thin GEMMs at their best measured shape rate
+        rates = row[part]["head_gemm_rates"]
+        assert rates["logits"]["flop_per_s"] == max(rates["logits"]["tried"].values()) > 0
+        assert rates["cotangent"]["flop_per_s"] == max(rates["cotangent"]["tried"].values()) > 0
+    assert row["all_params"]["floor_head_at_shape_rates_cpu_s"] > row["all_params"]["sequential_part_cpu_s"]
+    assert row["head_block"]["bound_cpu_s"] > row["head_block"]["forward_to_head_cpu_s"] > 0
+
+
+@pytest.mark.parametrize("bad", ["5x", "512x32,x8", "512x4"])
+def test_bench_token_settings_refuses_bad_input_with_exit_2(bad, capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / "probe.py"
+    spec = importlib.util.spec_from_file_location("bench_probe", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--only", "tokens", "--token-settings", bad, "--out", "/nonexistent/never-written.json"])
+    assert exc.value.code == 2 and "--token-settings" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -11,33 +11,23 @@ gradients, no pass through the head) gives ``B_k`` (T, d_out). Per layer the per
 gradient is ``G_k = B_k^T A_r``, and the layer's (M, M) block is taken by the cheaper of two
 exact forms, counting the FLOPs of all M^2 pairs of a full Gram:
 
-* materialised: ``J = [vec G_k]`` (M, d_in d_out) by one GEMM per row, then ``J J^T``:
-  ``2 M T d_in d_out + 2 M^2 d_in d_out``;
+* materialised: ``J = [vec G_k]`` (M, d_in d_out), then ``J J^T``: ``2 M T d_in d_out +
+  2 M^2 d_in d_out``; ``J[k]`` is written as token k's backward returns (:class:`_Stream`), or, for a
+  layer split over d_out (memory) or called more than once per row, by one GEMM per row afterwards;
 * ghost: ``<G_k, G_l> = <B_k, (A_r A_r'^T) B_l>_F``: ``2 N^2 T^2 d_in + 2 N M T^2 d_out +
   2 M^2 T d_out``; cheaper when T < d_in (short rows, wide layers).
 
 Embeddings: ``G_k = sum_t e_{x_t} c_kt^T`` grouped over the U distinct ids of the batch,
-``S_k`` (U, d), then ``S S^T``. Vector parameters (biases, norm weights): per-token vectors.
+``S_k`` (U, d), then ``S S^T``. Vector parameters (biases, norm weights): per-token vectors,
+stacked side by side into one Gram.
 
-**LM head, closed form.** Only position t-1's logits ``z = W h + b`` depend on the head for
-token k, so ``grad_W log p_k = (e_{y_k} - p_k) h_k^T`` and, with ``<u v^T, u' v'^T> = (u.u')
-(v.v')``,
-
-    <H_k, H_l> = (h_k . h_l) (1[y_k = y_l] - p_k[y_l] - p_l[y_k] + <p_k, p_l>)
-
-(the bias: the second factor alone). The second factor is computed as ``<q_k, q_l>`` with
-``q = e_y - p`` summed directly (:func:`_head_pass`: the four-term form cancels in float32
-where the model is confident). It costs ``2 M V d`` (logits) + ``2 M^2 V`` (``<q_k, q_l>``)
-instead of a (T, V) x (V, d) weight gradient per token, and is taken in vocabulary chunks with
-an online softmax (running max, rescaled accumulators), so memory is ``M x chunk`` whatever V.
-A tied head (``W`` is also the input embedding) adds the cross terms ``<E_k, H_l> = sum_x
-(e_{y_l} - p_l)[x] (S_k[x] . h_l)`` over the ids x of the batch (one GEMM) and their transposes.
+**LM head, closed form** (:mod:`gesim.probe.lmhead`): only position t-1's logits depend on the head
+for token k; its block is ``(h_k . h_l) <q_k, q_l>`` with ``q = e_y - p``, in vocabulary chunks.
 The forward of each row stops at the head's input (the (T, V) logits are never formed; without a
-selected body parameter it runs without a graph); on the first row the head runs on the first
-position alone, and the model's logits there are checked against ``W h + b``, so a head that
-post-processes its logits (soft-capping, scaling) is refused. ``q @ W`` (``2 M V d``, the
-cotangent ``W^T (e_y - p)`` into the body) is skipped when only the head is selected. W is read
-in chunks of ``ROWS`` rows, each used for the logits and for ``q @ W`` while it is in cache.
+selected body parameter it runs without a graph); on the last row the model's own head runs on the
+hidden states of the first ``m0 = CHUNK // V`` response tokens (at least one), its logits are
+checked against ``W h + b`` (a head that post-processes its logits, soft-capping or scaling, is
+refused) and reused by the head pass, so that check costs no extra read of W.
 
 Modules other than Linear / HF Conv1D / Embedding / LayerNorm / elementwise-parameter norms,
 and parameters used outside their module, are refused with a GesimError (``token_gram``'s
@@ -52,11 +42,10 @@ import torch
 
 from gesim import lm
 from gesim.errors import GesimError
+from gesim.probe import lmhead
 from gesim.probe.layers import ElementwiseRule, RuleHost, Use, close, rule_for
 from gesim.probe.reference import selected_named
 
-CHUNK = 1 << 21  # elements of one (tokens x vocabulary) chunk of logits
-ROWS = 2048  # vocabulary rows of W per chunk: the chunk is read from memory once, reused from cache
 MAT_CAP = 1 << 25  # elements of one materialised (tokens x d_out x d_in) block; larger layers are split over d_out
 
 
@@ -91,8 +80,8 @@ def _kind(module, roles):
 class _Capture:
     """Hooks for one row: per use, what its products need; the head's input."""
 
-    def __init__(self, plan, head, T, dtype, stop=True):
-        self.plan, self.head, self.T, self.dtype, self.stop = plan, head, T, dtype, stop
+    def __init__(self, plan, head, T, dtype, check=None):
+        self.plan, self.head, self.T, self.dtype, self.check = plan, head, T, dtype, check
         self.uses, self.h, self.handles, self.shim = [], None, [], _Shim(T, dtype)
 
     def __enter__(self):
@@ -109,11 +98,10 @@ class _Capture:
         if self.h is not None:
             raise GesimError("the output head is called more than once per forward")
         self.h = args[0] if args else kwargs["input"]
-        if self.stop == "check":  # let the head and what follows it run on the first position only
-            first = self.h[..., :1, :]
-            return ((first, *args[1:]), kwargs) if args else (args, {**kwargs, "input": first})
-        if self.stop:
+        if self.check is None:
             raise _Stop
+        sub = self.check(self.h)  # the head and what follows it run on these positions only
+        return ((sub, *args[1:]), kwargs) if args else (args, {**kwargs, "input": sub})
 
     def _hook(self, name, kind, roles):
         def hook(mod, args, kwargs, output):
@@ -174,59 +162,6 @@ def _plan(model, head, chosen):
     return plan, head_roles
 
 
-def _head_pass(H, W, b, y, U, need_pw=True):
-    """The head's quantities for the M tokens from ``q_k = e_{y_k} - p_k`` (the gradient of
-    log p_k with respect to its logits), in one pass over vocabulary chunks with an online
-    softmax (running max, rescaled accumulators): ``QQ = <q_k, q_l>`` (M, M), ``qW = q @ W``
-    (M, d: the cotangent ``W^T (e_y - p)`` into the body), ``qU = q[:, U]`` (M, |U|), ``lse``.
-
-    q is summed directly, never as ``1[y_k = y_l] - p_k[y_l] - p_l[y_k] + <p_k, p_l>`` or
-    ``W_y - p @ W``: where the model is confident (p_k[y_k] near 1) those forms cancel
-    catastrophically (measured on an SFT model in float32: token cosines off by 2e-3 against
-    the per-token loop's 3e-6). Here ``q_k = -p_off_k + rest_k e_{y_k}`` with ``p_off`` the
-    probabilities off the token's own column and ``rest_k = 1 - p_k[y_k]`` taken as their sum,
-    so every accumulator is a sum of like-signed terms.
-    """
-    M, V = H.shape[0], W.shape[0]
-    step = max(1, min(CHUNK // max(M, 1), ROWS))
-    m = torch.full((M,), -torch.inf, dtype=H.dtype, device=H.device)
-    s_off = torch.zeros(M, dtype=H.dtype, device=H.device)  # sum_{v != y} exp(z_v - m)
-    eW = torch.zeros_like(H)
-    EE = torch.zeros(M, M, dtype=H.dtype, device=H.device)
-    for v0 in range(0, V, step):
-        Wc = W[v0:v0 + step]
-        z = H @ Wc.T
-        if b is not None:
-            z += b[v0:v0 + step]
-        m_new = torch.maximum(m, z.max(1).values)
-        scale = torch.exp(m - m_new)
-        e = torch.exp(z - m_new[:, None])
-        k = ((y >= v0) & (y < v0 + z.shape[1])).nonzero().squeeze(1)
-        e[k, y[k] - v0] = 0.0  # off the token's own column
-        s_off = s_off * scale + e.sum(1)
-        if need_pw:
-            eW = eW * scale[:, None] + e @ Wc
-        EE = EE * (scale[:, None] * scale[None, :]) + e @ e.T
-        m = m_new
-    z_y = (H * W[y]).sum(1) + (b[y] if b is not None else 0)
-    s = s_off + torch.exp(z_y - m)
-    lse = m + torch.log(s)
-    rest = s_off / s  # 1 - p_k[y_k], as a sum
-
-    def p_off(cols):  # p_k[cols], 0 where the column is the token's own y
-        z = H @ W[cols].T + (b[cols] if b is not None else 0)
-        return torch.exp(z - lse[:, None]).masked_fill(y[:, None] == cols[None, :], 0.0)
-
-    QQ = EE / (s[:, None] * s[None, :])  # <p_off_k, p_off_l>
-    cross = -p_off(y) * rest[None, :]  # [k, l] = q_off_k[y_l] rest_l
-    QQ += cross + cross.T + rest[:, None] * rest[None, :] * (y[:, None] == y[None, :]).to(H.dtype)
-    qW = -eW / s[:, None] + rest[:, None] * W[y] if need_pw else eW
-    qU = None
-    if U is not None:
-        qU = -p_off(U) + rest[:, None] * (y[:, None] == U[None, :]).to(H.dtype)
-    return lse, qW, QQ, qU
-
-
 def fast_token_gram(model, ids, mask, select="all"):
     """See :func:`gesim.probe.token_gram`; returns (K (M, M), index [(row, t)])."""
     from gesim.probe.api import output_head
@@ -248,26 +183,27 @@ def fast_token_gram(model, ids, mask, select="all"):
         p.requires_grad_(True)
     try:
         with torch.enable_grad():
-            caps, H = [], []
+            caps, H, Z0 = [], [], None
+            last = max(r for r in range(N) if rows[r])
+            m0 = min(len(index), max(1, lmhead.CHUNK // W.shape[0]))  # tokens whose logits the model's head computes
             for r in range(N):  # one forward per row, up to the head's input
                 if not rows[r]:
                     caps.append(None)
                     continue
-                check = all(c is None for c in caps)
-                with _Capture(plan, head, T, dtype, stop="check" if check else True) as cap, \
-                        torch.set_grad_enabled(bool(plan)):
+                pos = torch.tensor(rows[r], device=ids.device) - 1
+                check = lmhead.FirstTokens(H, pos, m0, T) if r == last else None
+                with _Capture(plan, head, T, dtype, check) as cap, torch.set_grad_enabled(bool(plan)):
                     try:
                         logits = lm.logits(model, ids[r:r + 1])
                     except _Stop:
                         pass
                     except (RuntimeError, ValueError, IndexError) as err:
-                        raise GesimError(f"the model does not run its head on one position ({err})") from err
-                if check:
-                    _check_head(logits, head, cap.h)
+                        raise GesimError(f"the model does not run its head on {m0} positions ({err})") from err
                 if cap.h is None or cap.h.numel() % T:
                     raise GesimError("the output head was not called on the row's hidden states")
+                if check:
+                    Z0 = lmhead.check_head(logits, head, check.sub, dtype)
                 cap.h = cap.h.reshape(T, -1)
-                pos = torch.tensor(rows[r], device=ids.device) - 1
                 H.append(cap.h.detach()[pos].to(dtype))
                 caps.append((cap, pos))
             _check_uses(plan, caps)
@@ -276,7 +212,7 @@ def fast_token_gram(model, ids, mask, select="all"):
             Wd = W.detach().to(dtype)
             bias = head.bias.detach().to(dtype) if head.bias is not None else None
             emb_ids = _embedding_ids(W, caps)
-            _, cot, D, qU = _head_pass(Hm, Wd, bias, y, emb_ids, need_pw=bool(plan))
+            _, cot, D, qU = lmhead.head_pass(Hm, Wd, bias, y, emb_ids, need_pw=bool(plan), Z0=Z0)
             # cot = W^T (e_y - p): d log p_k / d h at position t-1; D = <q_k, q_l>
             K = torch.zeros(len(index), len(index), dtype=dtype, device=Hm.device)
             if "weight" in head_roles or "bias" in head_roles:
@@ -284,28 +220,13 @@ def fast_token_gram(model, ids, mask, select="all"):
                     K += (Hm @ Hm.T) * D
                 if "bias" in head_roles:
                     K += D
-            grads = _backward(caps, cot, dtype) if plan else {}
+            streams = _streams(plan, caps, len(index), dtype, Hm.device)
+            grads = _backward(caps, cot, dtype, streams) if plan else {}
     finally:
         for p, flag in saved.items():
             p.requires_grad_(flag)
-    _products(K, plan, caps, grads, rows, head_roles.get("weight"), Hm, y, emb_ids, qU, dtype)
+    _products(K, plan, caps, grads, rows, head_roles.get("weight"), Hm, y, emb_ids, qU, dtype, streams)
     return K, index
-
-
-def _check_head(logits, head, h):
-    """The model's logits at the first position equal its head applied to the head's input there
-    (on up to 512 vocabulary columns spread over V: soft-capping or scaling would change them all)."""
-    if h is None:
-        raise GesimError("the output head was not called in the forward pass")
-    V = head.weight.shape[0]
-    cols = torch.linspace(0, V - 1, min(V, 512), device=head.weight.device).long()
-    with torch.no_grad():
-        got = logits.detach().reshape(-1, V)[:1, cols]
-        b = head.bias[cols] if head.bias is not None else None
-        want = torch.nn.functional.linear(h.detach().reshape(-1, h.shape[-1])[:1], head.weight[cols], b)
-    if got.shape != want.shape or not close(got, want):
-        raise GesimError("the model's logits are not its output head applied to the head's input "
-                         "(soft-capping or scaling after the head): no closed form for the head")
 
 
 def _check_uses(plan, caps):
@@ -322,28 +243,78 @@ def _embedding_ids(W, caps):
     return torch.unique(torch.cat(looked)) if looked else None
 
 
-def _backward(caps, cot, dtype):
-    """{id(use): (K_r, T, d_out) output gradients} by one activation-only backward per token."""
+def _backward(caps, cot, dtype, streams):
+    """{id(use): (K_r, T, d_out) output gradients} by one activation-only backward per token (uses
+    of a streamed module: handed to its :class:`_Stream` as they arrive, not kept)."""
     out, k0 = {}, 0
     for cap, pos in (c for c in caps if c):
         uses = cap.uses
         targets = [u.extra.pop("out") for u in uses]
         h = cap.h
-        grads = [torch.empty(len(pos), *t.shape[1:] if t.shape[0] == 1 else t.shape, dtype=dtype, device=t.device)
-                 for t in targets]
+        grads = [None if u.module in streams else
+                 torch.empty(len(pos), *t.shape[1:] if t.shape[0] == 1 else t.shape, dtype=dtype, device=t.device)
+                 for u, t in zip(uses, targets)]
         for k, p in enumerate(pos.tolist()):
             seed = torch.zeros_like(h)
             seed[p] = cot[k0 + k].to(h.dtype)
             got = torch.autograd.grad(h, targets, seed, retain_graph=k + 1 < len(pos), allow_unused=True)
-            for g, buf in zip(got, grads):
-                buf[k] = g.reshape(buf.shape[1:]) if g is not None else 0
+            for u, g, buf in zip(uses, got, grads):
+                if buf is None:
+                    streams[u.module].take(k0 + k, u.a, g)
+                else:
+                    buf[k] = g.reshape(buf.shape[1:]) if g is not None else 0
         for u, g in zip(uses, grads):
-            out[id(u)] = g.reshape(len(pos), cap.T, -1) if g.dim() > 2 else g.reshape(len(pos), 1, -1)
+            if g is not None:
+                out[id(u)] = g.reshape(len(pos), cap.T, -1) if g.dim() > 2 else g.reshape(len(pos), 1, -1)
         k0 += len(pos)
     return out
 
 
-def _products(K, plan, caps, grads, rows, head_W, Hm, y, U, qU, dtype):
+class _Stream:
+    """A materialised linear layer's per-token weight gradients written as each token's output
+    gradient arrives, so no (M, T, d_out) buffer is kept for it (the copy into one cost about 10%
+    of the token Gram at T 128): ``J[k] = A_r^T B_k`` (or its transpose: the GEMM runs along the
+    wider side) and, with a bias, ``B_k`` summed over positions."""
+
+    def __init__(self, M, d_in, d_out, bias, dtype, device):
+        self.wide_out = d_out >= d_in
+        self.J = torch.empty(M, *((d_in, d_out) if self.wide_out else (d_out, d_in)), dtype=dtype, device=device)
+        self.b = torch.empty(M, d_out, dtype=dtype, device=device) if bias else None
+
+    def take(self, k, a, g):
+        if g is None:
+            self.J[k] = 0
+            if self.b is not None:
+                self.b[k] = 0
+            return
+        g = g.reshape(a.shape[0], -1).to(self.J.dtype)
+        torch.mm(a.T, g, out=self.J[k]) if self.wide_out else torch.mm(g.T, a, out=self.J[k])
+        if self.b is not None:
+            torch.sum(g, 0, out=self.b[k])
+
+
+def _streams(plan, caps, M, dtype, device):
+    """{module: _Stream} for the linear layers whose block is materialised in one piece (the cost rule
+    picks it, each row calls the layer once, M d_in d_out <= MAT_CAP)."""
+    live = [c[0] for c in caps if c]
+    out = {}
+    for module, (_, kind, roles) in plan.items():
+        if kind != "linear" or "weight" not in roles:
+            continue
+        per_row = [[u for u in cap.uses if u.module is module] for cap in live]
+        if any(len(us) != 1 for us in per_row):
+            continue
+        a = per_row[0][0].a
+        T, d_in = a.shape
+        d_out = per_row[0][0].extra["out"].numel() // T
+        cost = linear_gram_flops(M, len(live), T, d_in, d_out)
+        if cost["ghost"] < cost["materialise"] or M * d_in * d_out > MAT_CAP:
+            continue
+        out[module] = _Stream(M, d_in, d_out, "bias" in roles, dtype, device)
+    return out
+
+
+def _products(K, plan, caps, grads, rows, head_W, Hm, y, U, qU, dtype, streams):
     """Adds every hooked parameter's block to K."""
     spans, k0 = [], 0
     for c in caps:
@@ -355,30 +326,58 @@ def _products(K, plan, caps, grads, rows, head_W, Hm, y, U, qU, dtype):
     for r, cap in live:
         for u in cap.uses:
             per_module[u.module].append((r, u))
+    vectors = _Vectors(K)
     for module, (_, kind, roles) in plan.items():
         uses = per_module[module]
         multi = len(uses) > len(live)  # called more than once per row
-        if kind == "linear":
-            _linear(K, uses, grads, spans, multi, roles, module, dtype)
+        if module in streams:
+            st = streams[module]
+            if st.b is not None:
+                vectors.add([(slice(0, K.shape[0]), st.b)])
+            K.addmm_(st.J.reshape(K.shape[0], -1), st.J.reshape(K.shape[0], -1).T)
+        elif kind == "linear":
+            _linear(K, uses, grads, spans, multi, roles, module, dtype, vectors)
         elif kind == "embedding":
             tied = roles["weight"] is head_W
             _embedding(K, uses, grads, spans, tied, Hm, U, qU)
         else:
             for role in roles:
-                J = torch.zeros(K.shape[0], roles[role].numel(), dtype=dtype, device=K.device)
-                for r, u in uses:
-                    b = grads[id(u)]
-                    J[spans[r]] += (b.reshape(b.shape[0], *u.a[role].shape) * u.a[role]).sum(1).reshape(b.shape[0], -1)
-                K += J @ J.T
+                vectors.add([(spans[r], (grads[id(u)].reshape(grads[id(u)].shape[0], *u.a[role].shape) * u.a[role])
+                              .sum(1).reshape(grads[id(u)].shape[0], -1)) for r, u in uses])
+    vectors.flush()
 
 
-def _linear(K, uses, grads, spans, multi, roles, module, dtype):
+class _Vectors:
+    """Per-token gradients of vector parameters (biases, norm weights), (M, n) each, stacked side by
+    side and added to K as one Gram (one GEMM instead of one per parameter; memory <= MAT_CAP)."""
+
+    def __init__(self, K):
+        self.K, self.blocks, self.size = K, [], 0
+
+    def add(self, parts):
+        """``parts``: [(token span, (K_r, n) rows)]; rows of the same span are summed (repeated uses)."""
+        if len(parts) == 1 and parts[0][0] == slice(0, self.K.shape[0]):
+            J = parts[0][1]
+        else:
+            J = torch.zeros(self.K.shape[0], parts[0][1].shape[1], dtype=self.K.dtype, device=self.K.device)
+            for span, rows in parts:
+                J[span] += rows
+        self.blocks.append(J)
+        self.size += J.numel()
+        if self.size >= MAT_CAP:
+            self.flush()
+
+    def flush(self):
+        if self.blocks:
+            J = torch.cat(self.blocks, 1) if len(self.blocks) > 1 else self.blocks[0]
+            self.K.addmm_(J, J.T)
+        self.blocks, self.size = [], 0
+
+
+def _linear(K, uses, grads, spans, multi, roles, module, dtype, vectors):
     M = K.shape[0]
     if "bias" in roles:
-        J = torch.zeros(M, roles["bias"].numel(), dtype=dtype, device=K.device)
-        for r, u in uses:
-            J[spans[r]] += grads[id(u)].sum(1)
-        K += J @ J.T
+        vectors.add([(spans[r], grads[id(u)].sum(1)) for r, u in uses])
     if "weight" not in roles:
         return
     A0, B0 = uses[0][1].a, grads[id(uses[0][1])]
@@ -392,12 +391,15 @@ def _linear(K, uses, grads, spans, multi, roles, module, dtype):
                 K[spans[r], spans[r2]] += grads[id(u)].reshape(grads[id(u)].shape[0], -1) @ Y.reshape(Y.shape[0], -1).T
         return
     step = max(1, MAT_CAP // max(M * d_in, 1))
+    wide_out = d_out >= d_in  # each token's GEMM writes rows along the wider side (measured faster)
     for o0 in range(0, d_out, step):  # split over d_out: memory M x step x d_in
         per_row = {}
         for r, u in uses:  # G_k = B_k^T A_r for all tokens of the row: one batched GEMM, no copies
-            G = torch.matmul(grads[id(u)][:, :, o0:o0 + step].transpose(1, 2), u.a)  # (K_r, o, d_in)
+            B = grads[id(u)][:, :, o0:o0 + step]
+            G = torch.matmul(u.a.T, B) if wide_out else torch.matmul(B.transpose(1, 2), u.a)  # G_k^T or G_k
             per_row[r] = per_row[r] + G if r in per_row else G
-        J = torch.cat([per_row[r].reshape(per_row[r].shape[0], -1) for r in sorted(per_row)])
+        parts = [per_row[r].reshape(per_row[r].shape[0], -1) for r in sorted(per_row)]
+        J = parts[0] if len(parts) == 1 else torch.cat(parts)  # <G_k, G_l> is the same for G or G^T
         K.addmm_(J, J.T)
 
 
