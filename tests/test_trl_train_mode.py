@@ -269,11 +269,14 @@ def test_watch_fused_head_hands_trls_own_outputs_and_hidden_states(tmp_path, one
           "fused_lm_head": True}
     want = model(**kw)
     trls, seen = model.__dict__["forward"], []
-    with trl_layout.watch_fused_head(model, lambda h, y, out: seen.append((h, y, out))):
+    with trl_layout.watch_fused_head(model, lambda h, y, out, cd: seen.append((h, y, out, cd))):
         got = model(**kw)
         with torch.no_grad():
             model(**kw)
-    assert len(seen) == 1 and seen[0][2] is got and seen[0][1] is labels
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # trl's head then forms its logits in bf16
+            model(**kw)
+    assert len(seen) == 2 and seen[0][2] is got and seen[0][1] is labels and seen[0][3] == torch.float64
+    assert seen[1][3] == torch.bfloat16
     assert torch.equal(got.log_probs, want.log_probs) and torch.equal(got.entropy, want.entropy)
     hidden = model.base_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     assert torch.equal(seen[0][0], hidden.last_hidden_state)

@@ -182,18 +182,20 @@ def row_weights(grad, weights, rtol: float = 1e-6):
     return c
 
 
-def head_output_grad(h, head, labels, grad_log_probs, dtype):
+def head_output_grad(h, head, labels, grad_log_probs, dtype, compute_dtype=None):
     """dL/dz (N, T, V) of the head's logits z = W h + b, from dL/dlogp (N, T-1), the gradient
     trl's fused head receives: ``dL/dz_t = dL/dlogp_t (e_{y_{t+1}} - softmax(z_t))`` at t < T-1,
     0 at the last position (no next token) and where the label is -100 (trl's head zeroes those
     log-probs, so whatever gradient reaches them stops there).
 
-    The logits are formed as trl forms them (``h`` and W cast to the autocast dtype when
-    autocast is on, else h's dtype), the softmax in ``dtype`` (float32, float64 for float64
-    models); trl's own backward folds the same quantity tile by tile without materialising it.
+    The logits are formed as trl forms them, h and W cast to ``compute_dtype`` (trl's: the
+    autocast dtype when its forward ran under autocast, else h's dtype; the backward, where this
+    runs, is outside autocast, so the caller passes it), the softmax in ``dtype`` (float32,
+    float64 for float64 models); trl's own backward folds the same quantity tile by tile without
+    materialising it.
     Memory: one (N, T, V) tensor, as a module-called head's gradient would be."""
     W, b = head.weight.detach(), None if head.bias is None else head.bias.detach()
-    cd = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    cd = compute_dtype or h.dtype
     with torch.no_grad():
         z = torch.nn.functional.linear(h.detach().to(cd), W.to(cd), None if b is None else b.to(cd)).to(dtype)
         q = torch.softmax(z, -1).neg_()
@@ -208,9 +210,11 @@ def head_output_grad(h, head, labels, grad_log_probs, dtype):
 def watch_fused_head(model, on_call):
     """Within the block the policy's forward is trl's own, unchanged (its fused head's forward
     and backward run bitwise as without gesim); for each grad-enabled ``fused_lm_head=True``
-    call, ``on_call(h, labels, out)`` gets the backbone's last hidden states h (N, T, d) (read
-    by a forward hook on ``model.base_model``, the backbone trl runs), the labels and trl's
-    output (its ``log_probs``). no-grad calls (trl's reference forward under PEFT) pass through."""
+    call, ``on_call(h, labels, out, compute_dtype)`` gets the backbone's last hidden states h
+    (N, T, d) (read by a forward hook on ``model.base_model``, the backbone trl runs), the
+    labels, trl's output (its ``log_probs``) and the dtype trl's head computed its logits in
+    (the autocast dtype if autocast was on, else h's). no-grad calls (trl's reference forward
+    under PEFT) pass through."""
     fused = model.__dict__.get("forward")
     if fused is None:
         raise GesimError("the model's forward is not trl's fused-head forward (add_fused_lm_head): not a trl 1.16 "
@@ -222,6 +226,8 @@ def watch_fused_head(model, on_call):
             if state["h"] is not None:
                 raise GesimError("the backbone ran twice in one fused-head forward")
             state["h"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            dev = state["h"].device.type  # trl's head runs right after, under the same autocast state
+            state["cd"] = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else state["h"].dtype
 
     @functools.wraps(type(model).forward)
     def forward(*args, fused_lm_head=False, **kwargs):
@@ -229,14 +235,14 @@ def watch_fused_head(model, on_call):
             return fused(*args, fused_lm_head=fused_lm_head, **kwargs)
         if kwargs.get("shift_labels") is not None or kwargs.get("labels") is None:
             raise GesimError("train mode reads next-token labels (no shift_labels: no context parallelism)")
-        state["armed"], state["h"] = True, None
+        state["armed"], state["h"], state["cd"] = True, None, None
         try:
             out = fused(*args, fused_lm_head=True, **kwargs)
         finally:
             state["armed"] = False
         if state["h"] is None:
             raise GesimError("trl's fused-head forward did not run the model's backbone (base_model) as a module")
-        on_call(state["h"], kwargs["labels"], out)
+        on_call(state["h"], kwargs["labels"], out, state["cd"])
         return out
 
     handle = model.base_model.register_forward_hook(grab)

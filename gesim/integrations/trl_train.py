@@ -126,7 +126,7 @@ class TrainEntanglementCallback(TrainerCallback):
         seen = []
         rec, head = self.tel.recorder, self.hf.get_output_embeddings() if self.hf is not None else None
 
-        def on_call(h, labels, out):  # trl's fused head: its head use recorded from h and dL/dlogp
+        def on_call(h, labels, out, compute_dtype):  # trl's fused head: its use from h and dL/dlogp
             use = rec.external_use(head, h)
             lp = out.log_probs
             seen.append(lp)
@@ -134,7 +134,7 @@ class TrainEntanglementCallback(TrainerCallback):
             def arrived(g):
                 seen.append(g)
                 if use is not None:
-                    rec.deliver(use, trl_layout.head_output_grad(h, head, labels, g, rec.dtype))
+                    rec.deliver(use, trl_layout.head_output_grad(h, head, labels, g, rec.dtype, compute_dtype))
             lp.register_hook(arrived)
 
         rows = torch.arange(B)
