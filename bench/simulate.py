@@ -6,7 +6,13 @@
 1. ``floor``: FLOPs per instance-step of the cheapest exact update, per policy
    (:func:`gesim.simulate.logit.floor`), and the time of the kernels that update must run
    (one batched GEMM of the counted FLOPs, one softmax, three passes over the logits),
-   single-threaded, each at its best batch size.
+   single-threaded, each at its best batch size, each repeated on data already in cache.
+   Also reported, not part of the floor: ``gemm_engine_layout``, the same FLOPs in the layout
+   the engine runs (two (2T x T)(T x V) products per instance, B_w and B_l, which the
+   geometry needs separately; the floor's one (2T x 2T)(2T x V) product gives only their
+   sum). The floor stays a lower bound for any exact method: it counts no memory traffic,
+   while an engine whose step needs every instance's loss weights first streams Z and C
+   (2 x 2T x V per instance) through memory once per step.
 2. ``compare``: the same instances x steps of each policy run by the logit-space engine, the
    weight-space engine and the per-instance autograd loop (:func:`gesim.simulate.simulate_loop`),
    all on one thread, in float32, interleaved, ``--repeats`` times, medians of CPU time. Each
@@ -75,6 +81,10 @@ def floor_kernels(policy: str, n: int, T: int, V: int, d: int, dtype, repeats: i
     if count["gemm_flops"]:
         K = torch.randn(n, 2 * T, 2 * T, generator=g, dtype=dtype)
         kernels["gemm"] = lambda: torch.bmm(K, Z, out=B)
+        if policy == "context":  # informational: the engine's layout of the same FLOPs (not in the floor)
+            Kb = torch.randn(2 * n, 2 * T, T, generator=g, dtype=dtype)
+            Bb = torch.empty(2 * n, 2 * T, V, dtype=dtype)
+            kernels["gemm_engine_layout"] = lambda: torch.bmm(Kb, Z.view(2 * n, T, V), out=Bb)
     out = {}
     for name, fn in kernels.items():
         fn()

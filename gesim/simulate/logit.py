@@ -175,7 +175,7 @@ def run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar=None, s
 
 #: Bytes of B (2 x R x V per instance) per tile: a tile's Z, C' and B stay in cache from its
 #: residuals to its softmax; larger tiles make fewer torch calls per step.
-TILE_BYTES = 2**20
+TILE_BYTES = 2**21
 
 
 def _weights(rule, g, geometry) -> bool:
