@@ -194,6 +194,41 @@ def test_fused_tiles_equal_the_unfused_step(monkeypatch, policy, shape):
             np.testing.assert_allclose(got[key], whole[key], rtol=1e-12, atol=1e-14, err_msg=f"{name} {key}")
 
 
+class _GeometryRule:
+    """A test rule whose weights read the geometry (b = d_l nw2 / nl2), in both protocols."""
+
+    def __init__(self, eta):
+        self.eta = eta
+
+    def weights(self, d_w, d_l, ip, nw2, nl2):
+        return d_w, d_l * nw2 / nl2
+
+    def step(self, g_w, g_l, d_w, d_l):
+        from gesim.simulate import optim
+
+        a, b = self.weights(d_w, d_l, *optim.geometry(g_w, g_l))
+        return optim.Update(optim.direction(g_w, g_l, a, b).mul_(self.eta), d_w=a, d_l=b)
+
+
+@pytest.mark.parametrize("policy, suffix", [("context", 5), ("free_logits", 5), ("single_token", 0)])
+def test_rule_reading_the_geometry_runs_the_two_pass_step_exactly(monkeypatch, policy, suffix):
+    """A rule whose weights need the block's geometry first (no ``geometry_free``) takes the
+    logit engine's two-pass step, over several tiles: it equals the weight-space engine and
+    the per-instance loop, and predictions use the rule's weights."""
+    from gesim.simulate import logit, optim
+
+    monkeypatch.setitem(optim.RULES, "geometry_test", _GeometryRule)
+    monkeypatch.setattr(logit, "TILE_BYTES", 1)  # tiles of one instance
+    cfg = dataclasses.replace(SMALL, policy=policy, rule="geometry_test", instances=7, chunk=5, steps=3,
+                              suffix=suffix, eta=0.2)
+    fast = simulate(cfg, engine="logit").arrays
+    slow = simulate(cfg, engine="weights").arrays
+    plain = simulate_loop(cfg).arrays
+    for key in FIELDS:
+        np.testing.assert_allclose(fast[key], slow[key], rtol=1e-9, atol=1e-12, err_msg=key)
+        np.testing.assert_allclose(fast[key], plain[key], rtol=1e-6, atol=1e-9, err_msg=key)
+
+
 @pytest.mark.parametrize("policy", ["context", "free_logits", "single_token"])
 def test_logit_engine_geometry_equals_the_pair_double_sums(policy):
     """The stacked dot product <C'_a, (K C')_b> of the logit engine is the plainest formula,
