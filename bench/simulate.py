@@ -19,8 +19,10 @@
    timing is reported only if the three agree (float64: max |difference| <= 1e-8 relative,
    float32: 1e-3; identical regimes in both); the engine's ratio to the floor comes from the
    same run.
-3. ``big``: ``--big`` instances x ``--steps`` steps of the context policy (float32) with the
-   default thread policy (parallel single-threaded workers), wall time, and the regimes of its
+3. ``big``: ``--big`` instances x ``--steps`` steps of the context policy (float32) on
+   ``--workers`` parallel single-threaded workers (default: the CPUs this process may use,
+   :func:`gesim.threads.available_cpus`, so ``OMP_NUM_THREADS=1``, which keeps the comparisons
+   on one thread, does not shrink the big run to one worker), wall time, and the regimes of its
    first ``--check`` instances against the weight-space engine.
 """
 
@@ -199,15 +201,16 @@ def big_check(cfg, arrays, check) -> dict:
     return out
 
 
-def big_run(n, steps, check) -> dict:
+def big_run(n, steps, check, workers=None) -> dict:
     cfg = dataclasses.replace(BASE, instances=n, steps=steps, dtype="float32")
+    workers = workers or threads.available_cpus()
     load = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()
-    res = simulate(cfg, progress=True)
+    res = simulate(cfg, progress=True, workers=workers)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = {"config": dataclasses.asdict(cfg), "seconds": wall, "instance_steps_per_s": n * steps / wall,
            # CPU seconds of all workers together: / workers = the wall time if they had their cores
-           "cpu_seconds": cpu, "workers": threads.workers(), "load_average_before": load,
+           "cpu_seconds": cpu, "workers": workers, "load_average_before": load,
            "load_average_after": os.getloadavg(), "summary": res.summary()}
     if check:
         out["check"] = big_check(cfg, res.arrays, check)
@@ -224,6 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 3)")
     ap.add_argument("--big", type=int, default=None, help="instances in the large run (default 10000; quick 2000)")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=None, help="single-threaded workers of the large run "
+                    "(default: the CPUs this process may use)")
     ap.add_argument("--check", type=int, default=None, help="big-run instances checked against the weight-space "
                     "engine (default 500; quick 100)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "simulate.json"))
@@ -248,7 +253,7 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(base, instances=n_cmp, steps=n_steps, dtype="float32")
         result["compare"][label] = compare(label, cfg, repeats, loop_n)
     if big:
-        result["big"] = big_run(big, args.steps, check)
+        result["big"] = big_run(big, args.steps, check, args.workers)
     result["machine"]["load_average_after"] = os.getloadavg()
     write_json(Path(args.out), result)
     ok = all("timings" not in r for r in result["compare"].values())
