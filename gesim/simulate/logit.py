@@ -84,13 +84,13 @@ def run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar=None, s
     with log p_y from log-sum-exp (``safe``).
 
     Order of work: a step needs the loss weights of every instance of the block (one numpy
-    call), then runs tile by tile (:data:`TILE_BYTES`, :class:`_Tile`): C' = p - e_y, the GEMM
-    B = K C', the dots, Z += step B and p = softmax(Z), all while the tile is in cache; then
-    p_y and the log-probs for the whole block (:class:`_Stats`). Tiles are visited in serpentine
-    order (reversed every step), so a step starts on the tiles the last one left in cache. A
-    rule whose weights read the geometry (not ``geometry_free``) needs the whole block's
-    geometry first: its steps run residuals, GEMM and dots tile by tile, then the weights, then
-    update and softmax tile by tile (B is kept for the whole block).
+    call), then runs tile by tile (:data:`TILE_BYTES`, :class:`_Tile`): the GEMM B = K C', the
+    dots, Z += step B, p = softmax(Z), p_y and the next step's C' = p - e_y, all while the
+    tile is in cache; then the log-probs for the whole block (:class:`_Stats`). Tiles are
+    visited in serpentine order (reversed every step), so a step starts on the tiles the last
+    one left in cache. A rule whose weights read the geometry (not ``geometry_free``) needs the
+    whole block's geometry first: its steps run GEMM and dots tile by tile, then the weights,
+    then the rest tile by tile (B is kept for the whole block).
     """
     from gesim import losses
 
@@ -121,13 +121,16 @@ def run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar=None, s
     logp = torch.empty(S + 1, 2, n, dtype=dt)  # lw, ll before every step and after the last
     pmin = torch.full((S + 1,), math.nan, dtype=dt)
     geo = torch.empty(S, 5, n, dtype=dt)  # ip, nw2, nl2 and the rule's weights a, b
-    tiles = [_Tile(slice(i, min(i + tile, n)), Z, P, C, B, G, Kb, Y, negM, M if shared else None, step, fused)
-             for i in range(0, n, tile)]
-    stats = _Stats(Z, P, Y, M, shared, safe)
+    py = torch.empty(n, 2, T, 1, dtype=dt)  # p_y (z_y when safe), then the masked log p_y
+    lse = torch.empty(n, R, 1, dtype=dt) if safe else None  # log-sum-exp of every row of Z when safe
+    tiles = [_Tile(slice(i, min(i + tile, n)), Z, P, C, B, G, Kb, Y, negM, M if shared else None, step, fused,
+                   py, lse) for i in range(0, n, tile)]
+    stats = _Stats(py, lse, M, shared)
     deriv, params = symbolic.derive(cfg.loss), losses.get(cfg.loss).params(**cfg.params)
     dd = np.empty((S, 2, n))  # the loss's d_w, d_l
     for t in tiles:
         t.softmax()
+        t.residuals()
     stats(logp[0], pmin[0])
     lw_ref, ll_ref = logp[0].double().numpy()
     own, done = True, 0  # the rule kept the loss's weights (SGD): predictions use them in float64
@@ -143,15 +146,14 @@ def run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar=None, s
             own = _weights(rule, g, None) and own
             torch.mul(g[3:].T, coef, out=step)  # (n, 2): -eta a, eta b
             for t in tiles:
-                t.residuals()
                 t.geometry()
                 t.update()
                 t.softmax()
+                t.residuals()
             tiles.reverse()  # serpentine: the next step starts on the tiles still in cache
             torch.index_select(G.view(n, -1), 1, gcol, out=g[:3].T)
         else:  # the rule reads the geometry: the whole block's first
             for t in tiles:
-                t.residuals()
                 t.geometry()
             tiles.reverse()
             torch.index_select(G.view(n, -1), 1, gcol, out=g[:3].T)
@@ -160,6 +162,7 @@ def run_block(cfg, H_w, H_l, W0, yw, mw, yl, ml, len_w, len_l, rule, bar=None, s
             for t in tiles:
                 t.update()
                 t.softmax()
+                t.residuals()
             tiles.reverse()
         stats(logp[k + 1], pmin[k + 1])
         done = k + 1
@@ -191,29 +194,29 @@ def _weights(rule, g, geometry) -> bool:
 class _Tile:
     """Views of one tile of instances (``sl``) and the phases of a step on it, in this order.
 
-    ``residuals``: C' = p - e_y from P (masked when the responses share Z; with separate
-    logits P is C' and K masks the pads). ``geometry``: B = K C' (one batched GEMM; B = C'
-    when K = I), then the dots of C'_w, C'_l with every T-row block of B (one batched
-    (2 x TV)(TV x 2R/T) product that reads C' and B once) into the block's G. ``update``:
-    Z += step B (step = (-eta a, eta b) per instance). ``softmax``: P = softmax(Z), one exp
-    per logit (p_y is read from P for the whole block by :class:`_Stats`).
+    ``geometry``: B = K C' (one batched GEMM; B = C' when K = I), then the dots of C'_w, C'_l
+    with every T-row block of B (one batched (2 x TV)(TV x 2R/T) product that reads C' and B
+    once) into the block's G. ``update``: Z += step B (step = (-eta a, eta b) per instance).
+    ``softmax``: P = softmax(Z), one exp per logit. ``residuals``: p_y (z_y and the rows'
+    log-sum-exp when safe) into the block's buffers, then C' = p - e_y in place of P (masked
+    when the responses share Z; with separate logits P is C' and K masks the pads), while the
+    tile's P is still in cache.
     """
 
-    def __init__(self, sl, Z, P, C, B, G, Kb, Y, negM, M, step, fused):
+    def __init__(self, sl, Z, P, C, B, G, Kb, Y, negM, M, step, fused, py, lse):
         m, (R, V), T = sl.stop - sl.start, Z.shape[1:], C.shape[2]
         Bt = B[sl] if B is C or not fused else B[:m]
+        grouped = (lambda X: X.unsqueeze(1).expand(m, 2, T, X.shape[-1])) if M is not None else \
+            (lambda X: X.view(m, 2, T, X.shape[-1]))
         self.Z, self.P, self.C, self.Y, self.negM, self.G = Z[sl], P[sl], C[sl], Y[sl], negM[sl], G[sl]
-        self.Pm = None if M is None else (P[sl].unsqueeze(1).expand(m, 2, T, V), M[sl])
+        self.Pm = None if M is None else (grouped(P[sl]), M[sl])
+        self.src = grouped(Z[sl] if lse is not None else P[sl])  # p_y from P, or z_y from Z when safe
+        self.py, self.lse = py[sl], None if lse is None else lse[sl]
         self.Kb = None if Kb is None else Kb[2 * sl.start:2 * sl.stop]
         self.gemm = torch.mul if T == 1 else torch.bmm  # T = 1: K is a scalar
         self.Ck, self.Bk = C[sl].view(2 * m, T, V), Bt.view(2 * m, R, V)
         self.Cd, self.Bd = C[sl].view(m, 2, T * V), Bt.view(m, 2 * R // T, T * V).transpose(1, 2)
         self.Zrow, self.Brow, self.st = Z[sl].view(m, 1, -1), Bt.view(m, 2, -1), step[sl].unsqueeze(1)
-
-    def residuals(self):
-        if self.Pm is not None:
-            torch.mul(*self.Pm, out=self.C)
-        self.C.scatter_add_(-1, self.Y, self.negM)  # p - e_y (negM = -1 or -m)
 
     def geometry(self):
         if self.Kb is not None:
@@ -226,27 +229,27 @@ class _Tile:
     def softmax(self):
         torch.ops.aten._softmax.out(self.Z, -1, False, out=self.P)
 
-
-class _Stats:
-    """Per step, for the whole block: lw, ll = sum_t m_t log p_t(y_t) from P (or, when
-    ``safe``, z_y - log-sum-exp(z), immune to p_y underflowing) and the smallest masked
-    log p_y (the underflow check)."""
-
-    def __init__(self, Z, P, Y, M, shared, safe):
-        n, _, T, _ = Y.shape
-        grouped = (lambda X: X.unsqueeze(1).expand(n, 2, T, X.shape[-1])) if shared else (lambda X: X.view(n, 2, T, -1))
-        self.src, self.Y, self.M = grouped(Z if safe else P), Y, M
-        self.lse = (Z, torch.empty(n, Z.shape[1], 1, dtype=Z.dtype), grouped) if safe else None
-        self.py = torch.empty(n, 2, T, 1, dtype=Z.dtype)
-
-    def __call__(self, out, pmin):
+    def residuals(self):
         torch.gather(self.src, -1, self.Y, out=self.py)
         if self.lse is not None:
-            Z, lse, grouped = self.lse
-            torch.logsumexp(Z, -1, keepdim=True, out=lse)
-            logp = self.py.sub_(grouped(lse))
-        else:
-            logp = self.py.log_()
+            torch.logsumexp(self.Z, -1, keepdim=True, out=self.lse)
+        if self.Pm is not None:
+            torch.mul(*self.Pm, out=self.C)
+        self.C.scatter_add_(-1, self.Y, self.negM)  # p - e_y (negM = -1 or -m)
+
+
+class _Stats:
+    """Per step, for the whole block, from the tiles' p_y (or z_y and log-sum-exp when
+    ``safe``: immune to p_y underflowing): lw, ll = sum_t m_t log p_t(y_t) and the smallest
+    masked log p_y (the underflow check)."""
+
+    def __init__(self, py, lse, M, shared):
+        n, _, T, _ = py.shape
+        self.py, self.M = py, M
+        self.lse = None if lse is None else (lse.unsqueeze(1).expand(n, 2, T, 1) if shared else lse.view(n, 2, T, 1))
+
+    def __call__(self, out, pmin):
+        logp = self.py.log_() if self.lse is None else self.py.sub_(self.lse)
         logp.mul_(self.M)
         torch.amin(logp, out=pmin)
         torch.sum(logp, (2, 3), out=out.T)
