@@ -50,6 +50,14 @@ def floor(policy: str, T: int, V: int, d: int) -> dict:
     feature x (Z_w = Z_l, one softmax of V); ``free_logits`` has H = I (K is the identity on
     each side: no GEMM at all, Z_w = Z_l, one softmax of T x V). The one-off cost of the
     features and K = H H^T is amortised over ``steps`` and not counted here.
+
+    Caveat (shared logits, K = kappa I: ``free_logits``, ``single_token``): the residual,
+    geometry and update counts above assume C = m (e_y - p) is formed. In exact arithmetic the
+    geometry could be read off the row norms of p instead, |m (p - e_y)|^2 = sum_t m_t
+    (|p_t|^2 - 2 p_t(y_t) + 1), and the update done as Z += c p plus a scatter, about two
+    passes over T x V instead of the counted ones over 2T x V; so for these two policies the
+    elementwise part may be above what some exact method needs. That form cancels as p_y -> 1
+    (float32 regimes could flip), so the engine does not use it.
     """
     L = 2 * T * V
     if policy == "free_logits":
