@@ -6,15 +6,25 @@
 1. ``floor``: FLOPs per instance-step of the cheapest exact update, per policy
    (:func:`gesim.simulate.logit.floor`), and the time of the kernels that update must run
    (one batched GEMM of the counted FLOPs, one softmax, three passes over the logits),
-   single-threaded, each at its best batch size.
+   single-threaded, each at its best batch size, each repeated on data already in cache.
+   Also reported, not part of the floor: ``gemm_engine_layout``, the same FLOPs in the layout
+   the engine runs (two (2T x T)(T x V) products per instance, B_w and B_l, which the
+   geometry needs separately; the floor's one (2T x 2T)(2T x V) product gives only their
+   sum). The floor stays a lower bound for any exact method: it counts no memory traffic,
+   while an engine whose step needs every instance's loss weights first streams Z and C
+   (2 x 2T x V per instance) through memory once per step.
 2. ``compare``: the same instances x steps of each policy run by the logit-space engine, the
    weight-space engine and the per-instance autograd loop (:func:`gesim.simulate.simulate_loop`),
-   all on one thread, in float32, interleaved, ``--repeats`` times, medians of CPU time. Each
+   all on one thread, in float32, interleaved, ``--repeats`` times, medians of CPU time
+   (``ratio_to_floor`` includes the one-off set-up, ``setup_us_per_instance``, spread over the
+   steps; ``marginal_ratio_to_floor`` is the cost of one more step). Each
    timing is reported only if the three agree (float64: max |difference| <= 1e-8 relative,
    float32: 1e-3; identical regimes in both); the engine's ratio to the floor comes from the
    same run.
-3. ``big``: ``--big`` instances x ``--steps`` steps of the context policy (float32) with the
-   default thread policy (parallel single-threaded workers), wall time, and the regimes of its
+3. ``big``: ``--big`` instances x ``--steps`` steps of the context policy (float32) on
+   ``--workers`` parallel single-threaded workers (default: the CPUs this process may use,
+   :func:`gesim.threads.available_cpus`, so ``OMP_NUM_THREADS=1``, which keeps the comparisons
+   on one thread, does not shrink the big run to one worker), wall time, and the regimes of its
    first ``--check`` instances against the weight-space engine.
 """
 
@@ -75,6 +85,10 @@ def floor_kernels(policy: str, n: int, T: int, V: int, d: int, dtype, repeats: i
     if count["gemm_flops"]:
         K = torch.randn(n, 2 * T, 2 * T, generator=g, dtype=dtype)
         kernels["gemm"] = lambda: torch.bmm(K, Z, out=B)
+        if policy == "context":  # informational: the engine's layout of the same FLOPs (not in the floor)
+            Kb = torch.randn(2 * n, 2 * T, T, generator=g, dtype=dtype)
+            Bb = torch.empty(2 * n, 2 * T, V, dtype=dtype)
+            kernels["gemm_engine_layout"] = lambda: torch.bmm(Kb, Z.view(2 * n, T, V), out=Bb)
     out = {}
     for name, fn in kernels.items():
         fn()
@@ -157,6 +171,9 @@ def compare(label, cfg, repeats, loop_n) -> dict:
         "ratio_to_floor": med["logit"] / floor_s,
         # the cost of one more step, set-up (data, features, K) excluded: (t(S) - t(1)) / (S - 1)
         "marginal_us_per_instance_step": 1e6 * marginal,
+        # what ratio_to_floor adds to the marginal one: the one-off set-up per instance (drawing W0
+        # and the pairs, the features, Z0 = H W0^T, K), spread over the steps
+        "setup_us_per_instance": 1e6 * (med["logit_1step"] - marginal),
         "marginal_ratio_to_floor": marginal / floor_s,
         "speedup_over_weight_space_engine": med["weights"] / med["logit"],
         "speedup_over_loop": med["loop"] / med["logit"]})
@@ -189,15 +206,16 @@ def big_check(cfg, arrays, check) -> dict:
     return out
 
 
-def big_run(n, steps, check) -> dict:
+def big_run(n, steps, check, workers=None) -> dict:
     cfg = dataclasses.replace(BASE, instances=n, steps=steps, dtype="float32")
+    workers = workers or threads.available_cpus()
     load = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()
-    res = simulate(cfg, progress=True)
+    res = simulate(cfg, progress=True, workers=workers)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = {"config": dataclasses.asdict(cfg), "seconds": wall, "instance_steps_per_s": n * steps / wall,
            # CPU seconds of all workers together: / workers = the wall time if they had their cores
-           "cpu_seconds": cpu, "workers": threads.workers(), "load_average_before": load,
+           "cpu_seconds": cpu, "workers": workers, "load_average_before": load,
            "load_average_after": os.getloadavg(), "summary": res.summary()}
     if check:
         out["check"] = big_check(cfg, res.arrays, check)
@@ -214,6 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repetitions (default 3)")
     ap.add_argument("--big", type=int, default=None, help="instances in the large run (default 10000; quick 2000)")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=None, help="single-threaded workers of the large run "
+                    "(default: the CPUs this process may use)")
     ap.add_argument("--check", type=int, default=None, help="big-run instances checked against the weight-space "
                     "engine (default 500; quick 100)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "simulate.json"))
@@ -238,7 +258,7 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(base, instances=n_cmp, steps=n_steps, dtype="float32")
         result["compare"][label] = compare(label, cfg, repeats, loop_n)
     if big:
-        result["big"] = big_run(big, args.steps, check)
+        result["big"] = big_run(big, args.steps, check, args.workers)
     result["machine"]["load_average_after"] = os.getloadavg()
     write_json(Path(args.out), result)
     ok = all("timings" not in r for r in result["compare"].values())

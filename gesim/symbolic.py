@@ -101,11 +101,16 @@ class Derivation:
         fn = sp.lambdify([*DATA, *self.params], [self.d_w, self.d_l], modules=[LAMBDIFY_NUMPY, "numpy"])
         return fn
 
-    def weights(self, lw, ll, lw_ref=0.0, ll_ref=0.0, len_w=1.0, len_l=1.0, **params):
-        """Numeric (d_w, d_l), vectorised over numpy arrays; parameters override defaults."""
+    def weights(self, lw, ll, lw_ref=0.0, ll_ref=0.0, len_w=1.0, len_l=1.0, check=True, **params):
+        """Numeric (d_w, d_l), vectorised over numpy arrays; parameters override defaults.
+
+        ``check=False`` skips the data checks (finite, log-probs <= 0, lengths > 0): for a
+        caller that produces such data by construction and calls this once per step
+        (the simulator), where the checks cost several times the formula."""
         values = self.loss.params(**params)
         args = [np.asarray(a, dtype=float) for a in (lw, ll, lw_ref, ll_ref, len_w, len_l)]
-        _check_data(args)
+        if check:
+            _check_data(args)
         with np.errstate(over="ignore"):
             d_w, d_l = self._weights_fn(*args, *(values[p.name] for p in self.params))
         shape = np.broadcast(*args).shape

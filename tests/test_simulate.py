@@ -169,22 +169,103 @@ def test_logit_space_engine_equals_weight_space_engine_and_loop(policy, loss, sh
         np.testing.assert_allclose(fast[key], plain[key], rtol=1e-6, atol=1e-9, err_msg=key)
 
 
-def test_fused_tiles_equal_the_unfused_step(monkeypatch):
-    """SGD's weights ignore the geometry, so GEMM, geometry and update run tile by tile; a rule
-    without that promise takes the whole-block path: same numbers."""
-    from gesim.simulate import logit, optim
+@pytest.mark.parametrize("policy, shape", [
+    ("context", dict(suffix=5)), ("free_logits", dict(suffix=5)), ("single_token", dict(suffix=0))])
+def test_fused_tiles_equal_the_unfused_step(monkeypatch, policy, shape):
+    """SGD's weights ignore the geometry, so a whole step runs tile by tile (serpentine order);
+    a rule without that promise takes the two-pass path; one tile is the plain whole-block
+    step: same numbers, every policy (separate logits, shared logits with K = I, T = 1)."""
+    from gesim.simulate import engine, logit, optim
 
-    cfg = dataclasses.replace(SMALL, instances=30, chunk=30, steps=3, suffix=5)
-    per_instance = 2 * 12 * 24 * 8  # B holds 2 x R x V float64 per instance, R = 2T = 12
+    cfg = dataclasses.replace(SMALL, policy=policy, instances=30, chunk=30, steps=4, **shape)
+    R = 1 if policy == "single_token" else 2 * 6 if policy == "context" else 6
+    per_instance = 2 * R * 24 * 8  # B holds 2 x R x V float64 per instance
+    monkeypatch.setattr(engine, "BLOCK_BYTES", 2**30)  # one block of 30
+    monkeypatch.setattr(logit, "TILE_BYTES", 2**30)  # one tile: the whole block
+    whole = simulate(cfg).arrays
     monkeypatch.setattr(logit, "TILE_BYTES", 10 * per_instance)  # three tiles of 10
     fused = simulate(cfg).arrays
     monkeypatch.setattr(logit, "TILE_BYTES", 7 * per_instance)  # tiles of 7: the last one ragged
     ragged = simulate(cfg).arrays
     monkeypatch.setattr(optim.SGD, "geometry_free", False)
-    whole = simulate(cfg).arrays
+    unfused = simulate(cfg).arrays
     for key in FIELDS:
-        np.testing.assert_allclose(fused[key], whole[key], rtol=1e-12, atol=1e-14, err_msg=key)
-        np.testing.assert_allclose(ragged[key], whole[key], rtol=1e-12, atol=1e-14, err_msg=key)
+        for name, got in (("fused", fused), ("ragged", ragged), ("unfused", unfused)):
+            np.testing.assert_allclose(got[key], whole[key], rtol=1e-12, atol=1e-14, err_msg=f"{name} {key}")
+
+
+class _GeometryRule:
+    """A test rule whose weights read the geometry (b = d_l nw2 / nl2), in both protocols."""
+
+    def __init__(self, eta):
+        self.eta = eta
+
+    def weights(self, d_w, d_l, ip, nw2, nl2):
+        return d_w, d_l * nw2 / nl2
+
+    def step(self, g_w, g_l, d_w, d_l):
+        from gesim.simulate import optim
+
+        a, b = self.weights(d_w, d_l, *optim.geometry(g_w, g_l))
+        return optim.Update(optim.direction(g_w, g_l, a, b).mul_(self.eta), d_w=a, d_l=b)
+
+
+@pytest.mark.parametrize("policy, suffix", [("context", 5), ("free_logits", 5), ("single_token", 0)])
+def test_rule_reading_the_geometry_runs_the_two_pass_step_exactly(monkeypatch, policy, suffix):
+    """A rule whose weights need the block's geometry first (no ``geometry_free``) takes the
+    logit engine's two-pass step, over several tiles: it equals the weight-space engine and
+    the per-instance loop, and predictions use the rule's weights."""
+    from gesim.simulate import logit, optim
+
+    monkeypatch.setitem(optim.RULES, "geometry_test", _GeometryRule)
+    monkeypatch.setattr(logit, "TILE_BYTES", 1)  # tiles of one instance
+    cfg = dataclasses.replace(SMALL, policy=policy, rule="geometry_test", instances=7, chunk=5, steps=3,
+                              suffix=suffix, eta=0.2)
+    fast = simulate(cfg, engine="logit").arrays
+    slow = simulate(cfg, engine="weights").arrays
+    plain = simulate_loop(cfg).arrays
+    for key in FIELDS:
+        np.testing.assert_allclose(fast[key], slow[key], rtol=1e-9, atol=1e-12, err_msg=key)
+        np.testing.assert_allclose(fast[key], plain[key], rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+@pytest.mark.parametrize("policy", ["context", "free_logits", "single_token"])
+def test_logit_engine_geometry_equals_the_pair_double_sums(policy):
+    """The stacked dot product <C'_a, (K C')_b> of the logit engine is the plainest formula,
+    ip = sum_{t,s} (C^w_t . C^l_s)(h^w_t . h^l_s) (:func:`gesim.policies.pair_ip`), at step 0."""
+    import torch
+
+    from gesim import policies
+    from gesim.simulate import engine
+
+    suffix = 0 if policy == "single_token" else 4
+    cfg = dataclasses.replace(SMALL, policy=policy, instances=9, steps=1, suffix=suffix, tail_w=0)
+    pol, inst, pairs = engine.make_data(cfg, 0, cfg.instances)
+    yw, mw, yl, ml = engine._tensors(pairs, torch.float64)
+    H_w, H_l = pol.features(inst, yw), pol.features(inst, yl)
+    ip, nw2, nl2 = (x.numpy() for x in policies.pair_ip(inst.W0, H_w, yw, mw, H_l, yl, ml))
+    fast = engine.run_chunk(cfg, pol, inst, pairs, engine="logit")
+    np.testing.assert_allclose(fast["ip"][0], ip, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(fast["nw2"][0], nw2, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(fast["nl2"][0], nl2, rtol=1e-10, atol=1e-13)
+
+
+def test_unchecked_loss_weights_equal_the_checked_ones():
+    """The simulator skips the data checks after its first step: same weights, and the
+    checked call still refuses data no pair can have."""
+    from gesim import symbolic
+
+    rng = np.random.default_rng(0)
+    lw, ll, lw_ref, ll_ref = (-rng.random(7) * 20 for _ in range(4))
+    len_w, len_l = rng.integers(1, 9, 7).astype(float), rng.integers(1, 9, 7).astype(float)
+    for name in ("dpo", "simpo", "ipo", "cpo"):
+        d = symbolic.derive(name)
+        checked = d.weights(lw, ll, lw_ref, ll_ref, len_w, len_l)
+        unchecked = d.weights(lw, ll, lw_ref, ll_ref, len_w, len_l, check=False)
+        np.testing.assert_array_equal(checked[0], unchecked[0])
+        np.testing.assert_array_equal(checked[1], unchecked[1])
+    with pytest.raises(GesimError, match="lw is a summed log-probability"):
+        symbolic.derive("dpo").weights(-lw, ll, lw_ref, ll_ref, len_w, len_l)
 
 
 def test_float32_logit_engine_keeps_the_regimes_of_the_weight_space_engine():

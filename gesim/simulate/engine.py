@@ -204,7 +204,7 @@ def run_chunk(cfg: SimConfig, pol, inst, pairs, bar=None, engine: str = "auto") 
 ENGINES = ("auto", "logit", "weights")
 #: Bytes of logits per block of the logit path (n x 2T x V): per-step Python overhead (loss
 #: weights, a dozen torch calls) is paid once per block; the GEMM, geometry and update run in
-#: L2-sized tiles inside it (:data:`gesim.simulate.logit.TILE`).
+#: tiles inside it (:data:`gesim.simulate.logit.TILE_BYTES`).
 BLOCK_BYTES = 2**23
 
 
