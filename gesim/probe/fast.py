@@ -24,6 +24,7 @@ float64 for float64 models (docs/theory.md section 8.6: never a bf16 Gram).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -38,13 +39,14 @@ from gesim.probe.layers import (
     RuleHost,
     Use,
     gather_head,
-    rowdot,
+    pair_gram,
     rule_for,
     tensors,
 )
 from gesim.probe.reference import precond_vector, selected_named  # noqa: F401 (precond checks)
 
 KEYS = ("ip", "nw2", "nl2")
+SMALL = 4096  # per-sample gradients up to this length (norms, biases) are joined into one pair Gram
 
 
 class _Products:
@@ -63,6 +65,7 @@ class _Products:
             self.total = {k: torch.zeros(len(range(N)[ia]), dtype=dtype, device=device) for k, (ia, _) in pairs.items()}
         self.layers = defaultdict(dict)
         self.record_layers = True  # per-use contributions in self.layers (pair_stats(per_layer=True))
+        self.small = []  # (g_u, g_v) of short per-sample gradients, joined in flush() (not per layer)
 
     def index_pairs(self):
         if self.pairs is None:  # full Gram: all (i, j), built once (the same objects every call)
@@ -88,15 +91,26 @@ class _Products:
         gu, gv = g_u.flatten(1), g_v.flatten(1)
         if P is not None:
             gv = gv * P.reshape(1, -1).to(gv.dtype)
-        if self.stacked:  # <g_i, P g_i> for all 2B rows (nw2, nl2) and <g_w, P g_l>, no (B, P) temporaries
-            B = self.N // 2
-            own = rowdot(gu, gv)
-            self.add(name, {"ip": rowdot(gu[:B], gv[B:]), "nw2": own[:B], "nl2": own[B:]})
+        if self.stacked and not self.record_layers and gu.shape[1] <= SMALL:  # joined in flush()
+            self.small.append((gu, gv))
+            return
+        if self.stacked:  # <g_w, P g_l>, <g_w, P g_w>, <g_l, P g_l> in one (B, 2, P) x (B, P, 2) GEMM
+            ip, nw2, nl2 = pair_gram(gu, gv, self.N // 2)
+            self.add(name, {"ip": ip, "nw2": nw2, "nl2": nl2})
             return
         if self.pairs is None:
             self.add(name, {"K": (gu @ gv.T).reshape(-1)})
         else:
             self.add(name, {k: (gu[ia] * gv[ib]).sum(1) for k, (ia, ib) in self.pairs.items()})
+
+    def flush(self):
+        """The products of the small per-sample gradients (norm weights, biases) kept by ``dots``:
+        concatenated, one pair Gram (one call instead of several small ones per vector)."""
+        if self.small:
+            gu, gv = (torch.cat(x, 1) for x in zip(*self.small))
+            self.small = []
+            ip, nw2, nl2 = pair_gram(gu, gv, self.N // 2)
+            self.add("vectors", {"ip": ip, "nw2": nw2, "nl2": nl2})
 
     def ghost(self, name, u, v):
         if self.stacked and u is v:
@@ -214,19 +228,46 @@ class _Engine(RuleHost):
             else:
                 arrived = self.pending.setdefault(id(p), [])
                 arrived.append((use, role))
-                keep = True
-                self._shrink_head(use, role, p, arrived)
+                if self._tied_ghost(p):
+                    keep = True
+                    self._shrink_head(use, role, p, arrived)
+                else:  # materialised: add this use's per-sample gradient now, keep nothing of the use
+                    acc = self.tied_sum.get(id(p))
+                    if acc is None:  # (a replayed module's gradient is its own stored tensor: copied)
+                        g = use.rule.per_sample(use, role)
+                        self.tied_sum[id(p)] = g.clone() if isinstance(use.rule, RowRule) else g
+                    elif hasattr(use.rule, "add_per_sample") and role == "weight":
+                        use.rule.add_per_sample(use, acc)
+                    else:
+                        acc += use.rule.per_sample(use, role)
                 if len(arrived) == self.n_uses[("p", id(p))]:
                     self._tied(p)
         if not keep:
             use.a = use.b = None
 
+    def _tied_ghost(self, p) -> bool:
+        """Ghost or materialised products for a parameter with several uses (tied weights), decided
+        once per call when its first use arrives: ghost needs every use ghost-capable (weights of
+        Linear/Conv1D/Embedding, no preconditioner); materialised is taken when its FLOPs are fewer
+        (per pair: 2 x sum_u the per-row gradient of use u, plus the (2 x 2) Gram of the summed
+        gradient, against 3 x sum_{u,v} 2 T_u T_v (w_u + w_v) / 2 for the ghost Grams of every use
+        pair, w = Gram width) and the (N, *shape) sum is no larger than the largest output gradient
+        among its uses (the (N, T, V) logits gradient of a tied head), so the peak memory does not
+        grow (for GPT-2 shapes, d > T: ghost; the tiny CPU benches, d <= T: materialised)."""
+        mode = self.tied_mode.get(id(p))
+        if mode is None:
+            uses = [(u, r) for u in self.uses for r, q in u.roles.items() if q is p]
+            mode = self.precond.get(id(p)) is None and all(r == "weight" and u.rule.ghost for u, r in uses)
+            if mode and tied_materialise_cheaper(uses, p, self.N):
+                mode = False
+            self.tied_mode[id(p)] = mode
+        return mode
+
     def _single(self, use, role, p):
         name = f"{use.name}.{role}"
         P = self.precond.get(id(p))
         rule = use.rule
-        if rule.ghost and role == "weight" and P is None and (
-                isinstance(rule, EmbeddingRule) or rule.cost_prefers_ghost(use)):
+        if rule.ghost and role == "weight" and P is None and rule.cost_prefers_ghost(use):
             self.products.ghost(name, use, use)
         else:
             g = rule.per_sample(use, role)
@@ -264,7 +305,11 @@ class _Engine(RuleHost):
         arrived = self.pending.pop(id(p))
         name = "tied:" + self.selected[id(p)]
         P = self.precond.get(id(p))
-        if P is None and all(role == "weight" and u.rule.ghost for u, role in arrived):
+        if not self._tied_ghost(p):
+            g = self.tied_sum.pop(id(p), None)  # None: no use received a gradient (all products 0)
+            if g is not None:
+                self.products.dots(name, g, g, P)
+        elif P is None and all(role == "weight" and u.rule.ghost for u, role in arrived):
             for x, (u, _) in enumerate(arrived):
                 for v, _ in arrived[x:]:
                     if u.extra.get("done") and v.extra.get("done"):
@@ -282,6 +327,7 @@ class _Engine(RuleHost):
     def _forward(self, ids, mask, plan):
         """One hooked forward; returns (s, called module names)."""
         self.uses, self.leaves, self.pending, self.n_uses = [], [], {}, defaultdict(int)
+        self.tied_mode, self.tied_sum = {}, {}
         self.looked_up, self.escaped, called, handles = {}, set(), set(), []
         self.watched_outputs = []
         watched = {id(m.weight): m for m in self.named.values() if isinstance(m, torch.nn.Embedding)}
@@ -352,6 +398,7 @@ class _Engine(RuleHost):
                     u.rule.grad_arrived(u, torch.zeros(*_out_shape(u), dtype=self.dtype, device=s.device), self)
                     self.pending[pid].append((u, next(r for r, q in u.roles.items() if q is p)))
             self._tied(p)
+        self.products.flush()
         return s.detach()
 
     def _reassign(self, called) -> bool:
@@ -366,6 +413,18 @@ class _Engine(RuleHost):
                     self.owner[pid], moved = {anc}, True
                     break
         return moved
+
+
+def tied_materialise_cheaper(uses, p, N) -> bool:
+    """See :meth:`_Engine._tied_ghost` (uses: [(use, role)], all ghost-capable weight uses)."""
+    outs = [math.prod(_out_shape(u)) for u, _ in uses]
+    if N * p.numel() > max(outs):
+        return False
+    T = [u.a.shape[1] for u, _ in uses]
+    w = [u.rule.ghost_width(u) for u, _ in uses]
+    ghost = 3 * sum(T[x] * T[y] * (w[x] + w[y]) for x in range(len(uses)) for y in range(len(uses)))
+    mat = 2 * sum(u.rule.materialise_flops(u) for u, _ in uses) + 8 * p.numel()
+    return mat < ghost
 
 
 def _chain(mname: str) -> list:
