@@ -84,3 +84,20 @@ def test_embedding_rule_materialises_a_table_with_no_more_rows_than_positions():
     assert not use.rule.cost_prefers_ghost(use)
     use.a = torch.zeros(2, 8, dtype=torch.long)
     assert use.rule.cost_prefers_ghost(use)
+
+
+def test_layer_norm_input_modified_in_place_after_the_call_is_refused():
+    """LayerNormRule recomputes xhat from the kept input when the gradient arrives: an input
+    changed in place after the call must be refused, never measured on the new values."""
+    ln = torch.nn.LayerNorm(4, dtype=torch.float64)
+    use = layers.Use("ln", layers.LayerNormRule(), ln, {"weight": ln.weight})
+
+    class Host(layers.RuleHost):
+        N, T, dtype = 2, 3, torch.float64
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    use.rule.capture(use, Host(), (x,), {}, ln(x))
+    use.b = torch.ones(2, 3, 4, dtype=torch.float64)
+    assert torch.allclose(use.rule.per_sample(use, "weight"), (ln(x) - ln.bias).detach().sum(1) / ln.weight.detach())
+    x.mul_(2.0)
+    with pytest.raises(layers.GesimError, match="modified in place"):
+        use.rule.per_sample(use, "weight")

@@ -295,15 +295,25 @@ class EmbeddingRule(Rule):
 
 
 class LayerNormRule(Rule):
-    """nn.LayerNorm: ``y = xhat * w + beta``, per-sample ``sum_t xhat_t * b_t`` and ``sum_t b_t``."""
+    """nn.LayerNorm: ``y = xhat * w + beta``, per-sample ``sum_t xhat_t * b_t`` and ``sum_t b_t``.
+    The use keeps the module's input (which autograd keeps anyway for LayerNorm's backward) and
+    ``xhat`` is recomputed when the output gradient arrives, so no normalised copy is held
+    through the backward pass."""
 
     def capture(self, use, engine, args, kwargs, output):
         m = use.module
-        xhat = torch.nn.functional.layer_norm(args[0].detach(), m.normalized_shape, None, None, m.eps)
-        use.a = rows_view(xhat, engine.N, engine.T, use.name, len(m.normalized_shape)).to(engine.dtype)
+        use.a = rows_view(args[0].detach(), engine.N, engine.T, use.name, len(m.normalized_shape))
+        use.extra["dtype"], use.extra["version"] = engine.dtype, use.a._version
 
     def per_sample(self, use, role):
-        return use.b.sum(1) if role == "bias" else (use.a * use.b).sum(1)
+        if role == "bias":
+            return use.b.sum(1)
+        m = use.module
+        if use.a._version != use.extra["version"]:
+            raise GesimError(f"layer norm {use.name}: its input was modified in place after the call; "
+                             "the probe cannot recompute its normalised input")
+        xhat = torch.nn.functional.layer_norm(use.a, m.normalized_shape, None, None, m.eps)
+        return (xhat.to(use.extra["dtype"]) * use.b).sum(1)
 
 
 class ElementwiseRule(Rule):
