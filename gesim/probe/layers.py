@@ -180,7 +180,13 @@ class LinearRule(Rule):
 
     def capture(self, use, engine, args, kwargs, output):
         x = args[0] if args else kwargs["input"]
-        use.a = rows_view(x.detach(), engine.N, engine.T, use.name).to(engine.dtype)
+        use.a = rows_view(x.detach(), engine.N, engine.T, use.name)  # in the model's dtype until used
+
+    def grad_arrived(self, use, g, engine):
+        """The output gradient, and the input in the products' dtype (a bf16 model's float32 copy
+        lives only while this use is consumed, not through the whole backward pass)."""
+        super().grad_arrived(use, g, engine)
+        use.a = use.a.to(engine.dtype)
 
     def per_sample(self, use, role):
         if role == "bias":
