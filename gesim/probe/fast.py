@@ -8,14 +8,16 @@ each call ("use") of those modules; all parameters are frozen and every embeddin
 made a grad-requiring leaf, so the single backward computes activation gradients only (no
 weight-gradient GEMMs, no B x P tensor). A tensor hook on each use's output receives its
 output gradient during that backward and immediately turns it into its share of
-``<G_i, P G_j>`` (streaming: nothing is kept once consumed), except for parameters with
-several uses (tied weights), whose uses are kept until the last arrives and then combined
-with all use pairs, cross terms included (docs/theory.md sections 8.2 and 8.4).
+``<G_i, P G_j>`` (streaming: nothing is kept once consumed). Parameters with several uses
+(tied weights) take the cheaper exact form (``_tied_ghost``): ghost products of every use
+pair, cross terms included (uses kept until the last arrives; docs/theory.md sections 8.2 and
+8.4), or their per-sample gradients summed as they arrive and dotted once.
 
 For a pair batch (rows 0..B-1 chosen, B..2B-1 rejected) the three products of a use with
 itself come from one stacked pass (``Rule.pair_products``): the self Grams of all 2B rows in
 one bmm per side (nw2 and nl2 together, each symmetric T x T), the chosen x rejected Grams in
-one more, and materialised per-sample gradients dotted row by row without (B, P) temporaries.
+one more; materialised per-sample gradients give all three from one (B, 2, P) x (B, P, 2)
+GEMM (``layers.pair_gram``), and the short ones (norms, biases) are joined into one at the end.
 
 Preconditioner: supported (every matrix is then materialised one layer at a time, since
 the ghost identity has no diagonal weighting). Products are accumulated in float32, or
@@ -139,12 +141,20 @@ class _Engine(RuleHost):
         self.tensor_hooks = []  # handles of the hooks on hooked outputs, removed after the backward
         self.named = dict(model.named_modules())
         self.owner = defaultdict(set)  # id(param) -> names of the modules whose calls it is differentiated through
+        self.role = {}  # (module name, id(param)) -> the parameter's name in that module
+        self.params = {}  # id -> every parameter of the model (frozen during the call)
         for mname, module in self.named.items():
-            for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            for pname, p in module._parameters.items():  # = named_parameters(recurse=False), one dict read
+                if p is None:
+                    continue
+                self.params[id(p)] = p
                 if id(p) in self.selected:
-                    while mname and isinstance(self.named[mname], CONTAINERS):  # no forward of their own
-                        mname = mname.rpartition(".")[0]
-                    self.owner[id(p)].add(mname)
+                    owner, role = mname, pname
+                    while owner and isinstance(self.named[owner], CONTAINERS):  # no forward of their own
+                        owner, _, last = owner.rpartition(".")
+                        role = f"{last}.{role}"
+                    self.owner[id(p)].add(owner)
+                    self.role.setdefault((owner, id(p)), role)
         for pid, owners in self.owner.items():  # registered on a module and on its ancestor: the inner one uses it
             self.owner[pid] = {m for m in owners if not any(o != m and o.startswith(m + ".") or (m == "" and o != "")
                                                             for o in owners)}
@@ -157,10 +167,10 @@ class _Engine(RuleHost):
         for pid, owners in self.owner.items():
             for mname in owners:
                 module = self.named[mname]
-                for name, p in module.named_parameters(remove_duplicate=False):
-                    if id(p) == pid:
-                        plan.setdefault(mname, (module, {}))[1][name] = p
-                        break
+                name = self.role.get((mname, pid))
+                if name is None:  # moved to an ancestor (_reassign): its name relative to that module
+                    name = next(n for n, p in module.named_parameters(remove_duplicate=False) if id(p) == pid)
+                plan.setdefault(mname, (module, {}))[1][name] = self.params[pid]
         out = {}
         for mname, (module, roles) in plan.items():
             rule = rule_for(module)
@@ -357,7 +367,7 @@ class _Engine(RuleHost):
     def run(self, ids, mask):
         """Forward, backward; returns the summed log-probs (N,)."""
         self.T = ids.shape[1]
-        saved = {p: p.requires_grad for p in self.model.parameters()}
+        saved = {p: p.requires_grad for p in self.params.values()}
         for p in saved:
             p.requires_grad_(False)
         try:
@@ -391,7 +401,7 @@ class _Engine(RuleHost):
             raise GesimError("selected parameters not used through any module in the forward pass (used "
                              "functionally?): " + ", ".join(unused))
         for pid in list(self.pending):  # tied uses whose output never received a gradient
-            p = next(q for q in self.model.parameters() if id(q) == pid)
+            p = self.params[pid]
             for u in self.uses:
                 if (u.b is None and not u.extra.get("done") and any(q is p for q in u.roles.values())
                         and not any(u is w for w, _ in self.pending[pid])):
