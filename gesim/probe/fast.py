@@ -68,6 +68,7 @@ class _Products:
         self.layers = defaultdict(dict)
         self.record_layers = True  # per-use contributions in self.layers (pair_stats(per_layer=True))
         self.small = []  # (g_u, g_v) of short per-sample gradients, joined in flush() (not per layer)
+        self.deferred = []  # {key: (K,)} per use, summed in flush() (not per layer)
 
     def index_pairs(self):
         if self.pairs is None:  # full Gram: all (i, j), built once (the same objects every call)
@@ -81,6 +82,8 @@ class _Products:
         if self.pairs is None:
             values = {"K": values["K"].view(self.N, self.N)}
             self.total += values["K"]
+        elif not self.record_layers:  # summed once in flush(): one stack and sum per key, not an add per use
+            self.deferred.append(values)
         else:
             for k, v in values.items():
                 self.total[k] += v
@@ -113,6 +116,12 @@ class _Products:
             self.small = []
             ip, nw2, nl2 = pair_gram(gu, gv, self.N // 2)
             self.add("vectors", {"ip": ip, "nw2": nw2, "nl2": nl2})
+        if self.deferred:
+            for k, total in self.total.items():
+                parts = [v[k] for v in self.deferred if k in v]
+                if parts:
+                    total += torch.stack(parts).sum(0)
+            self.deferred = []
 
     def ghost(self, name, u, v):
         if self.stacked and u is v:
