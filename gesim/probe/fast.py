@@ -192,6 +192,7 @@ class _Engine(RuleHost):
     def _forward_hook(self, mname, rule0, roles):
         def hook(mod, args, kwargs, output):
             rule = rule0
+            self.called.add(mname)
             if self._replay:
                 return None
             out = leaf = output
@@ -348,7 +349,8 @@ class _Engine(RuleHost):
         """One hooked forward; returns (s, called module names)."""
         self.uses, self.leaves, self.pending, self.n_uses = [], [], {}, defaultdict(int)
         self.tied_mode, self.tied_sum = {}, {}
-        self.looked_up, self.escaped, called, handles = {}, set(), set(), []
+        self.looked_up, self.escaped, handles = {}, set(), []
+        self.called = called = set()
         self.watched_outputs = []
         watched = {id(m.weight): m for m in self.named.values() if isinstance(m, torch.nn.Embedding)}
         embedding = torch.nn.functional.embedding
@@ -363,7 +365,7 @@ class _Engine(RuleHost):
             if mname in plan or isinstance(module, torch.nn.Embedding):
                 _, rule, roles = plan.get(mname, (module, EmbeddingRule(), {}))
                 handles.append(module.register_forward_hook(self._forward_hook(mname, rule, roles), with_kwargs=True))
-            if mname in ancestors:
+            elif mname in ancestors:  # (a hooked module marks itself called in its forward hook)
                 handles.append(module.register_forward_pre_hook(lambda m, a, n=mname: called.add(n)))
         torch.nn.functional.embedding = recording_embedding
         try:
