@@ -101,3 +101,19 @@ def test_layer_norm_input_modified_in_place_after_the_call_is_refused():
     x.mul_(2.0)
     with pytest.raises(layers.GesimError, match="modified in place"):
         use.rule.per_sample(use, "weight")
+
+
+@pytest.mark.parametrize("ghost", [True, False])
+def test_fast_row_gram_equals_gram_of_torch_func_per_row_gradients_fp64(monkeypatch, ghost):
+    """The full (N, N) Gram (flattened Grams for a use with itself, no N^2 gathers) against
+    G G^T of torch.func's per-row gradients, ghost and materialised."""
+    from gesim.probe.func import per_sample_grads
+    m = _model("gpt2")
+    ids, mask = _batch(3).stacked()
+    monkeypatch.setattr(layers.LinearRule, "cost_prefers_ghost", lambda self, use: ghost)
+    monkeypatch.setattr(layers.EmbeddingRule, "cost_prefers_ghost", lambda self, use: ghost)
+    monkeypatch.setattr(fast, "tied_materialise_cheaper", lambda uses, p, N: not ghost)
+    G = per_sample_grads(m, ids, mask)
+    want = G @ G.T
+    got = fast.fast_row_gram(m, ids, mask)
+    assert float((got - want).abs().max() / want.abs().max()) < RTOL

@@ -33,6 +33,7 @@ import torch
 
 from gesim import dynamics, lm
 from gesim.errors import GesimError
+from gesim.probe.grams import embedding_gram, linear_gram
 from gesim.probe.layers import (
     ElementwiseRule,
     EmbeddingRule,
@@ -129,6 +130,11 @@ class _Products:
             if got is not None:
                 self.add(name, got)
                 return
+        if self.pairs is None and u is v and isinstance(u.rule, (LinearRule, EmbeddingRule)):
+            # the full Gram from flattened (NT x NT) Grams, not N^2 gathered T x T pairs (gesim.probe.grams)
+            K = linear_gram(u.a, u.b) if isinstance(u.rule, LinearRule) else embedding_gram(u.a, u.b)
+            self.add(name, {"K": K.reshape(-1)})
+            return
         self.add(name, {k: u.rule.product(u, ia, v, ib) for k, (ia, ib) in self.index_pairs().items()})
 
 
