@@ -117,3 +117,29 @@ def test_fast_row_gram_equals_gram_of_torch_func_per_row_gradients_fp64(monkeypa
     want = G @ G.T
     got = fast.fast_row_gram(m, ids, mask)
     assert float((got - want).abs().max() / want.abs().max()) < RTOL
+
+
+def test_linear_input_modified_in_place_after_the_call_is_refused():
+    """LinearRule keeps the model's own input tensor (no copy): an input changed in place after
+    the call (invisible to autograd when the weights are frozen) must be refused."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(7, 4, dtype=torch.float64)
+            self.fc = torch.nn.Linear(4, 7, dtype=torch.float64)
+
+        def forward(self, ids):
+            h = self.emb(ids) * 1.0
+            out = self.fc(h)
+            h.mul_(2.0)
+            return out
+
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(layers.GesimError, match="modified in place"):
+        probe.pair_stats(Net(), _pairs(ids))
+
+
+def _pairs(ids):
+    from gesim import lm
+    mask = torch.ones_like(ids)
+    return lm.PairBatch(ids[:1], ids[1:], mask[:1], mask[1:])

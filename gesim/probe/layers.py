@@ -181,10 +181,15 @@ class LinearRule(Rule):
     def capture(self, use, engine, args, kwargs, output):
         x = args[0] if args else kwargs["input"]
         use.a = rows_view(x.detach(), engine.N, engine.T, use.name)  # in the model's dtype until used
+        use.extra["version"] = use.a._version
 
     def grad_arrived(self, use, g, engine):
         """The output gradient, and the input in the products' dtype (a bf16 model's float32 copy
-        lives only while this use is consumed, not through the whole backward pass)."""
+        lives only while this use is consumed, not through the whole backward pass). The input
+        is the model's own tensor: refused if the model changed it in place after the call."""
+        if use.a._version != use.extra["version"]:
+            raise GesimError(f"module {use.name}: its input was modified in place after the call; "
+                             "the probe cannot read the input its output was computed from")
         super().grad_arrived(use, g, engine)
         use.a = use.a.to(engine.dtype)
 
