@@ -8,14 +8,16 @@ each call ("use") of those modules; all parameters are frozen and every embeddin
 made a grad-requiring leaf, so the single backward computes activation gradients only (no
 weight-gradient GEMMs, no B x P tensor). A tensor hook on each use's output receives its
 output gradient during that backward and immediately turns it into its share of
-``<G_i, P G_j>`` (streaming: nothing is kept once consumed), except for parameters with
-several uses (tied weights), whose uses are kept until the last arrives and then combined
-with all use pairs, cross terms included (docs/theory.md sections 8.2 and 8.4).
+``<G_i, P G_j>`` (streaming: nothing is kept once consumed). Parameters with several uses
+(tied weights) take the cheaper exact form (``_tied_ghost``): ghost products of every use
+pair, cross terms included (uses kept until the last arrives; docs/theory.md sections 8.2 and
+8.4), or their per-sample gradients summed as they arrive and dotted once.
 
 For a pair batch (rows 0..B-1 chosen, B..2B-1 rejected) the three products of a use with
 itself come from one stacked pass (``Rule.pair_products``): the self Grams of all 2B rows in
 one bmm per side (nw2 and nl2 together, each symmetric T x T), the chosen x rejected Grams in
-one more, and materialised per-sample gradients dotted row by row without (B, P) temporaries.
+one more; materialised per-sample gradients give all three from one (B, 2, P) x (B, P, 2)
+GEMM (``layers.pair_gram``), and the short ones (norms, biases) are joined into one at the end.
 
 Preconditioner: supported (every matrix is then materialised one layer at a time, since
 the ghost identity has no diagonal weighting). Products are accumulated in float32, or
@@ -24,12 +26,14 @@ float64 for float64 models (docs/theory.md section 8.6: never a bf16 Gram).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
 
 from gesim import dynamics, lm
 from gesim.errors import GesimError
+from gesim.probe.grams import embedding_gram, linear_gram
 from gesim.probe.layers import (
     ElementwiseRule,
     EmbeddingRule,
@@ -38,13 +42,14 @@ from gesim.probe.layers import (
     RuleHost,
     Use,
     gather_head,
-    rowdot,
+    pair_gram,
     rule_for,
     tensors,
 )
 from gesim.probe.reference import precond_vector, selected_named  # noqa: F401 (precond checks)
 
 KEYS = ("ip", "nw2", "nl2")
+SMALL = 4096  # per-sample gradients up to this length (norms, biases) are joined into one pair Gram
 
 
 class _Products:
@@ -63,6 +68,8 @@ class _Products:
             self.total = {k: torch.zeros(len(range(N)[ia]), dtype=dtype, device=device) for k, (ia, _) in pairs.items()}
         self.layers = defaultdict(dict)
         self.record_layers = True  # per-use contributions in self.layers (pair_stats(per_layer=True))
+        self.small = []  # (g_u, g_v) of short per-sample gradients, joined in flush() (not per layer)
+        self.deferred = []  # {key: (K,)} per use, summed in flush() (not per layer)
 
     def index_pairs(self):
         if self.pairs is None:  # full Gram: all (i, j), built once (the same objects every call)
@@ -76,6 +83,8 @@ class _Products:
         if self.pairs is None:
             values = {"K": values["K"].view(self.N, self.N)}
             self.total += values["K"]
+        elif not self.record_layers:  # summed once in flush(): one stack and sum per key, not an add per use
+            self.deferred.append(values)
         else:
             for k, v in values.items():
                 self.total[k] += v
@@ -88,15 +97,32 @@ class _Products:
         gu, gv = g_u.flatten(1), g_v.flatten(1)
         if P is not None:
             gv = gv * P.reshape(1, -1).to(gv.dtype)
-        if self.stacked:  # <g_i, P g_i> for all 2B rows (nw2, nl2) and <g_w, P g_l>, no (B, P) temporaries
-            B = self.N // 2
-            own = rowdot(gu, gv)
-            self.add(name, {"ip": rowdot(gu[:B], gv[B:]), "nw2": own[:B], "nl2": own[B:]})
+        if self.stacked and not self.record_layers and gu.shape[1] <= SMALL:  # joined in flush()
+            self.small.append((gu, gv))
+            return
+        if self.stacked:  # <g_w, P g_l>, <g_w, P g_w>, <g_l, P g_l> in one (B, 2, P) x (B, P, 2) GEMM
+            ip, nw2, nl2 = pair_gram(gu, gv, self.N // 2)
+            self.add(name, {"ip": ip, "nw2": nw2, "nl2": nl2})
             return
         if self.pairs is None:
             self.add(name, {"K": (gu @ gv.T).reshape(-1)})
         else:
             self.add(name, {k: (gu[ia] * gv[ib]).sum(1) for k, (ia, ib) in self.pairs.items()})
+
+    def flush(self):
+        """The products of the small per-sample gradients (norm weights, biases) kept by ``dots``:
+        concatenated, one pair Gram (one call instead of several small ones per vector)."""
+        if self.small:
+            gu, gv = (torch.cat(x, 1) for x in zip(*self.small))
+            self.small = []
+            ip, nw2, nl2 = pair_gram(gu, gv, self.N // 2)
+            self.add("vectors", {"ip": ip, "nw2": nw2, "nl2": nl2})
+        if self.deferred:
+            for k, total in self.total.items():
+                parts = [v[k] for v in self.deferred if k in v]
+                if parts:
+                    total += torch.stack(parts).sum(0)
+            self.deferred = []
 
     def ghost(self, name, u, v):
         if self.stacked and u is v:
@@ -104,6 +130,11 @@ class _Products:
             if got is not None:
                 self.add(name, got)
                 return
+        if self.pairs is None and u is v and isinstance(u.rule, (LinearRule, EmbeddingRule)):
+            # the full Gram from flattened (NT x NT) Grams, not N^2 gathered T x T pairs (gesim.probe.grams)
+            K = linear_gram(u.a, u.b) if isinstance(u.rule, LinearRule) else embedding_gram(u.a, u.b)
+            self.add(name, {"K": K.reshape(-1)})
+            return
         self.add(name, {k: u.rule.product(u, ia, v, ib) for k, (ia, ib) in self.index_pairs().items()})
 
 
@@ -125,12 +156,20 @@ class _Engine(RuleHost):
         self.tensor_hooks = []  # handles of the hooks on hooked outputs, removed after the backward
         self.named = dict(model.named_modules())
         self.owner = defaultdict(set)  # id(param) -> names of the modules whose calls it is differentiated through
+        self.role = {}  # (module name, id(param)) -> the parameter's name in that module
+        self.params = {}  # id -> every parameter of the model (frozen during the call)
         for mname, module in self.named.items():
-            for _, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            for pname, p in module._parameters.items():  # = named_parameters(recurse=False), one dict read
+                if p is None:
+                    continue
+                self.params[id(p)] = p
                 if id(p) in self.selected:
-                    while mname and isinstance(self.named[mname], CONTAINERS):  # no forward of their own
-                        mname = mname.rpartition(".")[0]
-                    self.owner[id(p)].add(mname)
+                    owner, role = mname, pname
+                    while owner and isinstance(self.named[owner], CONTAINERS):  # no forward of their own
+                        owner, _, last = owner.rpartition(".")
+                        role = f"{last}.{role}"
+                    self.owner[id(p)].add(owner)
+                    self.role.setdefault((owner, id(p)), role)
         for pid, owners in self.owner.items():  # registered on a module and on its ancestor: the inner one uses it
             self.owner[pid] = {m for m in owners if not any(o != m and o.startswith(m + ".") or (m == "" and o != "")
                                                             for o in owners)}
@@ -143,10 +182,10 @@ class _Engine(RuleHost):
         for pid, owners in self.owner.items():
             for mname in owners:
                 module = self.named[mname]
-                for name, p in module.named_parameters(remove_duplicate=False):
-                    if id(p) == pid:
-                        plan.setdefault(mname, (module, {}))[1][name] = p
-                        break
+                name = self.role.get((mname, pid))
+                if name is None:  # moved to an ancestor (_reassign): its name relative to that module
+                    name = next(n for n, p in module.named_parameters(remove_duplicate=False) if id(p) == pid)
+                plan.setdefault(mname, (module, {}))[1][name] = self.params[pid]
         out = {}
         for mname, (module, roles) in plan.items():
             rule = rule_for(module)
@@ -159,6 +198,7 @@ class _Engine(RuleHost):
     def _forward_hook(self, mname, rule0, roles):
         def hook(mod, args, kwargs, output):
             rule = rule0
+            self.called.add(mname)
             if self._replay:
                 return None
             out = leaf = output
@@ -214,19 +254,47 @@ class _Engine(RuleHost):
             else:
                 arrived = self.pending.setdefault(id(p), [])
                 arrived.append((use, role))
-                keep = True
-                self._shrink_head(use, role, p, arrived)
+                if self._tied_ghost(p):
+                    keep = True
+                    self._shrink_head(use, role, p, arrived)
+                else:  # materialised: add this use's per-sample gradient now, keep nothing of the use
+                    acc = self.tied_sum.get(id(p))
+                    if acc is None:  # (a replayed module's gradient is its own stored tensor: copied)
+                        g = use.rule.per_sample(use, role)
+                        self.tied_sum[id(p)] = g.clone() if isinstance(use.rule, RowRule) else g
+                    elif hasattr(use.rule, "add_per_sample") and role == "weight":
+                        use.rule.add_per_sample(use, acc)
+                    else:
+                        acc += use.rule.per_sample(use, role)
                 if len(arrived) == self.n_uses[("p", id(p))]:
                     self._tied(p)
         if not keep:
             use.a = use.b = None
 
+    def _tied_ghost(self, p) -> bool:
+        """Ghost or materialised products for a parameter with several uses (tied weights), decided
+        once per call when its first use arrives: ghost needs every use ghost-capable (weights of
+        Linear/Conv1D/Embedding, no preconditioner); materialised is taken when its FLOPs are fewer
+        (per pair: 2 x sum_u the per-row gradient of use u, plus the (2 x 2) Gram of the summed
+        gradient, against 3 x sum_{u,v} 2 T_u T_v (w_u + w_v) / 2 for the ghost Grams of every use
+        pair, w = Gram width) and the (N, *shape) sum is no larger than the largest output gradient
+        among its uses (the (N, T, V) logits gradient of a tied head): the peak memory grows by at
+        most that much, held from the head's gradient to the embedding's (GPT-2 shapes, d > T:
+        ghost; the tiny CPU benches with d <= T: materialised, measured +2 MB at d 64, B 8, T 64)."""
+        mode = self.tied_mode.get(id(p))
+        if mode is None:
+            uses = [(u, r) for u in self.uses for r, q in u.roles.items() if q is p]
+            mode = self.precond.get(id(p)) is None and all(r == "weight" and u.rule.ghost for u, r in uses)
+            if mode and tied_materialise_cheaper(uses, p, self.N):
+                mode = False
+            self.tied_mode[id(p)] = mode
+        return mode
+
     def _single(self, use, role, p):
         name = f"{use.name}.{role}"
         P = self.precond.get(id(p))
         rule = use.rule
-        if rule.ghost and role == "weight" and P is None and (
-                isinstance(rule, EmbeddingRule) or rule.cost_prefers_ghost(use)):
+        if rule.ghost and role == "weight" and P is None and rule.cost_prefers_ghost(use):
             self.products.ghost(name, use, use)
         else:
             g = rule.per_sample(use, role)
@@ -264,7 +332,11 @@ class _Engine(RuleHost):
         arrived = self.pending.pop(id(p))
         name = "tied:" + self.selected[id(p)]
         P = self.precond.get(id(p))
-        if P is None and all(role == "weight" and u.rule.ghost for u, role in arrived):
+        if not self._tied_ghost(p):
+            g = self.tied_sum.pop(id(p), None)  # None: no use received a gradient (all products 0)
+            if g is not None:
+                self.products.dots(name, g, g, P)
+        elif P is None and all(role == "weight" and u.rule.ghost for u, role in arrived):
             for x, (u, _) in enumerate(arrived):
                 for v, _ in arrived[x:]:
                     if u.extra.get("done") and v.extra.get("done"):
@@ -282,7 +354,9 @@ class _Engine(RuleHost):
     def _forward(self, ids, mask, plan):
         """One hooked forward; returns (s, called module names)."""
         self.uses, self.leaves, self.pending, self.n_uses = [], [], {}, defaultdict(int)
-        self.looked_up, self.escaped, called, handles = {}, set(), set(), []
+        self.tied_mode, self.tied_sum = {}, {}
+        self.looked_up, self.escaped, handles = {}, set(), []
+        self.called = called = set()
         self.watched_outputs = []
         watched = {id(m.weight): m for m in self.named.values() if isinstance(m, torch.nn.Embedding)}
         embedding = torch.nn.functional.embedding
@@ -297,7 +371,7 @@ class _Engine(RuleHost):
             if mname in plan or isinstance(module, torch.nn.Embedding):
                 _, rule, roles = plan.get(mname, (module, EmbeddingRule(), {}))
                 handles.append(module.register_forward_hook(self._forward_hook(mname, rule, roles), with_kwargs=True))
-            if mname in ancestors:
+            elif mname in ancestors:  # (a hooked module marks itself called in its forward hook)
                 handles.append(module.register_forward_pre_hook(lambda m, a, n=mname: called.add(n)))
         torch.nn.functional.embedding = recording_embedding
         try:
@@ -311,7 +385,7 @@ class _Engine(RuleHost):
     def run(self, ids, mask):
         """Forward, backward; returns the summed log-probs (N,)."""
         self.T = ids.shape[1]
-        saved = {p: p.requires_grad for p in self.model.parameters()}
+        saved = {p: p.requires_grad for p in self.params.values()}
         for p in saved:
             p.requires_grad_(False)
         try:
@@ -345,13 +419,14 @@ class _Engine(RuleHost):
             raise GesimError("selected parameters not used through any module in the forward pass (used "
                              "functionally?): " + ", ".join(unused))
         for pid in list(self.pending):  # tied uses whose output never received a gradient
-            p = next(q for q in self.model.parameters() if id(q) == pid)
+            p = self.params[pid]
             for u in self.uses:
                 if (u.b is None and not u.extra.get("done") and any(q is p for q in u.roles.values())
                         and not any(u is w for w, _ in self.pending[pid])):
                     u.rule.grad_arrived(u, torch.zeros(*_out_shape(u), dtype=self.dtype, device=s.device), self)
                     self.pending[pid].append((u, next(r for r, q in u.roles.items() if q is p)))
             self._tied(p)
+        self.products.flush()
         return s.detach()
 
     def _reassign(self, called) -> bool:
@@ -366,6 +441,18 @@ class _Engine(RuleHost):
                     self.owner[pid], moved = {anc}, True
                     break
         return moved
+
+
+def tied_materialise_cheaper(uses, p, N) -> bool:
+    """See :meth:`_Engine._tied_ghost` (uses: [(use, role)], all ghost-capable weight uses)."""
+    outs = [math.prod(_out_shape(u)) for u, _ in uses]
+    if N * p.numel() > max(outs):
+        return False
+    T = [u.a.shape[1] for u, _ in uses]
+    w = [u.rule.ghost_width(u) for u, _ in uses]
+    ghost = 3 * sum(T[x] * T[y] * (w[x] + w[y]) for x in range(len(uses)) for y in range(len(uses)))
+    mat = 2 * sum(u.rule.materialise_flops(u) for u, _ in uses) + 8 * p.numel()
+    return mat < ghost
 
 
 def _chain(mname: str) -> list:

@@ -158,12 +158,21 @@ class Rule:
 
 
 def rowdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``sum_j x[i, ...] y[i, ...]`` per row i: a batched GEMM for long rows (no temporary of x's size),
-    an elementwise product and sum for short ones (where the batched GEMM's per-row cost dominates)."""
+    """``sum_j x[i, ...] y[i, ...]`` per row i (an elementwise product and a sum: on CPU a batched
+    (1 x P)(P x 1) GEMM took 5-6x as long for any row length measured, 4k to 256k)."""
     n = x.shape[0]
-    if x[0].numel() >= 8192:
-        return torch.bmm(x.reshape(n, 1, -1), y.reshape(n, -1, 1)).reshape(n)
-    return (x.reshape(n, -1) * y.reshape(n, -1)).sum(1)
+    return torch.linalg.vecdot(x.reshape(n, -1), y.reshape(n, -1))
+
+
+def pair_gram(x: torch.Tensor, y: torch.Tensor, B: int) -> tuple:
+    """``(ip, nw2, nl2)``, each (B,), of per-row vectors x, y (2B, ...) stacked as rows 0..B-1
+    chosen and B..2B-1 rejected: ``<x_w, y_l>``, ``<x_w, y_w>``, ``<x_l, y_l>`` from one (B, 2, P) x
+    (B, P, 2) batched GEMM (x and y read once; no (B, P) temporary). ``y`` may be ``P x``
+    (preconditioned); the (2 x 2) block per pair is then ``[[<w,Pw>, <w,Pl>], [<l,Pw>, <l,Pl>]]``."""
+    xs = x.reshape(2, B, -1).transpose(0, 1)  # (B, 2, P) views: row stride B P, no copy
+    ys = y.reshape(2, B, -1).transpose(0, 1)
+    g = torch.bmm(xs, ys.transpose(1, 2))  # (B, 2, 2)
+    return g[:, 0, 1], g[:, 0, 0], g[:, 1, 1]
 
 
 def _gram(x, ia, y, ib):
@@ -180,19 +189,38 @@ class LinearRule(Rule):
 
     def capture(self, use, engine, args, kwargs, output):
         x = args[0] if args else kwargs["input"]
-        use.a = rows_view(x.detach(), engine.N, engine.T, use.name).to(engine.dtype)
+        use.a = rows_view(x.detach(), engine.N, engine.T, use.name)  # in the model's dtype until used
+        use.extra["version"] = use.a._version
+
+    def grad_arrived(self, use, g, engine):
+        """The output gradient, and the input in the products' dtype (a bf16 model's float32 copy
+        lives only while this use is consumed, not through the whole backward pass). The input
+        is the model's own tensor: refused if the model changed it in place after the call."""
+        if use.a._version != use.extra["version"]:
+            raise GesimError(f"module {use.name}: its input was modified in place after the call; "
+                             "the probe cannot read the input its output was computed from")
+        super().grad_arrived(use, g, engine)
+        use.a = use.a.to(engine.dtype)
 
     def per_sample(self, use, role):
         if role == "bias":
             return use.b.sum(1)
-        if self.transposed:
-            return torch.einsum("nti,nto->nio", use.a, use.b)
-        return torch.einsum("nto,nti->noi", use.b, use.a)
+        if self.transposed:  # one batched GEMM (einsum took up to 1.9x as long on CPU for these shapes)
+            return torch.bmm(use.a.transpose(1, 2), use.b)  # (N, d_in, d_out)
+        return torch.bmm(use.b.transpose(1, 2), use.a)  # (N, d_out, d_in)
 
     def cost_prefers_ghost(self, use) -> bool:
         """Cost rule (docs/theory.md section 8.2): ghost when 3 T (d_in + d_out) < 2 d_in d_out."""
         T, d_in, d_out = use.a.shape[1], use.a.shape[2], use.b.shape[2]
         return 3 * T * (d_in + d_out) < 2 * d_in * d_out
+
+    def ghost_width(self, use) -> int:
+        """Feature width of the T x T Grams of a ghost product (A and B sides)."""
+        return use.a.shape[2] + self.out_dim(use)
+
+    def materialise_flops(self, use) -> int:
+        """FLOPs of one row's per-sample weight gradient B^T A."""
+        return 2 * use.a.shape[1] * use.a.shape[2] * self.out_dim(use)
 
     def pair_products(self, use, B):
         A, G = use.a, use.b
@@ -244,12 +272,31 @@ class EmbeddingRule(Rule):
         use.b = b
 
     def per_sample(self, use, role):
+        b = use.b
+        N, _, d = b.shape
+        G = torch.zeros(N, use.roles["weight"].shape[0], d, dtype=b.dtype, device=b.device)
+        return self.add_per_sample(use, G)
+
+    def add_per_sample(self, use, G):
+        """``G += `` the per-sample gradients (N, V, d) of this use, in place (one index_add)."""
         b, a = use.b, use.a
-        N, T, d = b.shape
-        V = use.roles["weight"].shape[0]
-        G = torch.zeros(N * V, d, dtype=b.dtype, device=b.device)
-        G.index_add_(0, (a + torch.arange(N, device=a.device)[:, None] * V).reshape(-1), b.reshape(-1, d))
-        return G.view(N, V, d)
+        N, V, d = G.shape
+        G.view(N * V, d).index_add_(0, (a + torch.arange(N, device=a.device)[:, None] * V).reshape(-1),
+                                    b.reshape(-1, d))
+        return G
+
+    def cost_prefers_ghost(self, use) -> bool:
+        """Ghost (T x T equality-masked Grams, 6 T^2 (d + 1) FLOPs per pair) unless the table has
+        no more rows than the use has positions (V <= T, e.g. a position table): then the
+        materialised (N, V, d) gradients are no larger than the output gradient the backward
+        already holds and cost about 10 V d + 2 T d < 6 T^2 d per pair."""
+        return use.roles["weight"].shape[0] > use.a.shape[1]
+
+    def ghost_width(self, use) -> int:
+        return use.b.shape[2] + 1 if use.b is not None else use.roles["weight"].shape[1] + 1
+
+    def materialise_flops(self, use) -> int:
+        return 2 * use.a.shape[1] * use.roles["weight"].shape[1]
 
     def pair_products(self, use, B):
         x, c = use.a, use.b
@@ -268,15 +315,25 @@ class EmbeddingRule(Rule):
 
 
 class LayerNormRule(Rule):
-    """nn.LayerNorm: ``y = xhat * w + beta``, per-sample ``sum_t xhat_t * b_t`` and ``sum_t b_t``."""
+    """nn.LayerNorm: ``y = xhat * w + beta``, per-sample ``sum_t xhat_t * b_t`` and ``sum_t b_t``.
+    The use keeps the module's input (which autograd keeps anyway for LayerNorm's backward) and
+    ``xhat`` is recomputed when the output gradient arrives, so no normalised copy is held
+    through the backward pass."""
 
     def capture(self, use, engine, args, kwargs, output):
         m = use.module
-        xhat = torch.nn.functional.layer_norm(args[0].detach(), m.normalized_shape, None, None, m.eps)
-        use.a = rows_view(xhat, engine.N, engine.T, use.name, len(m.normalized_shape)).to(engine.dtype)
+        use.a = rows_view(args[0].detach(), engine.N, engine.T, use.name, len(m.normalized_shape))
+        use.extra["dtype"], use.extra["version"] = engine.dtype, use.a._version
 
     def per_sample(self, use, role):
-        return use.b.sum(1) if role == "bias" else (use.a * use.b).sum(1)
+        if role == "bias":
+            return use.b.sum(1)
+        m = use.module
+        if use.a._version != use.extra["version"]:
+            raise GesimError(f"layer norm {use.name}: its input was modified in place after the call; "
+                             "the probe cannot recompute its normalised input")
+        xhat = torch.nn.functional.layer_norm(use.a, m.normalized_shape, None, None, m.eps)
+        return (xhat.to(use.extra["dtype"]) * use.b).sum(1)
 
 
 class ElementwiseRule(Rule):

@@ -1,0 +1,145 @@
+"""The fast probe's cost choices (gesim.probe.fast, gesim.probe.layers): every path each choice
+can take (ghost or materialised for linear maps, embeddings and tied weights; small per-sample
+gradients joined into one pair Gram or taken one by one; the (B, 2, P) pair Gram) equals the
+plain two-backward method in float64 to 1e-10, and the rules pick what their docstrings say."""
+
+import warnings
+
+import pytest
+import torch
+
+from gesim import probe
+from gesim.encode import collate, encode_rows
+from gesim.probe import fast, layers, toy
+
+warnings.filterwarnings("ignore", message=".*(batching rule|fallback).*")
+RTOL = 1e-10
+
+
+def _batch(n=4, seed=0):
+    rows = [dict(r, index=i) for i, r in enumerate(toy.toy_rows(n, seed))]
+    return collate(encode_rows(rows, toy.build_tokenizer(), 64).pairs)
+
+
+def _model(arch, tied=True):
+    return toy.build_model(arch, vocab_size=len(toy.build_tokenizer()), d=16, tied=tied).double()
+
+
+def _close(a, b):
+    for k in ("ip", "nw2", "nl2"):
+        assert float((a[k] - b[k]).abs().max() / b[k].abs().max()) < RTOL, k
+
+
+@pytest.mark.parametrize("arch,tied", [("gpt2", True), ("llama", True), ("llama", False)])
+@pytest.mark.parametrize("ghost", [True, False])
+def test_every_ghost_or_materialised_choice_matches_reference_fp64(monkeypatch, arch, tied, ghost):
+    m, b = _model(arch, tied), _batch()
+    ref = probe.pair_stats(m, b, backend="reference")
+    monkeypatch.setattr(layers.LinearRule, "cost_prefers_ghost", lambda self, use: ghost)
+    monkeypatch.setattr(layers.EmbeddingRule, "cost_prefers_ghost", lambda self, use: ghost)
+    monkeypatch.setattr(fast, "tied_materialise_cheaper", lambda uses, p, N: not ghost)
+    _close(probe.pair_stats(m, b, backend="fast"), ref)
+    _close(probe.pair_stats(m, b, backend="fast", per_layer=True), ref)
+
+
+@pytest.mark.parametrize("small", [0, 10**9])
+def test_small_gradients_joined_or_one_by_one_match_reference_fp64(monkeypatch, small):
+    m, b = _model("gpt2"), _batch(3)
+    monkeypatch.setattr(fast, "SMALL", small)
+    _close(probe.pair_stats(m, b, backend="fast"), probe.pair_stats(m, b, backend="reference"))
+
+
+def test_pair_gram_equals_row_dots():
+    g = torch.randn(6, 5, 7, dtype=torch.float64)
+    P = torch.rand(5, 7, dtype=torch.float64)
+    ip, nw2, nl2 = layers.pair_gram(g, g * P, 3)
+    flat, pflat = g.reshape(6, -1), (g * P).reshape(6, -1)
+    assert torch.allclose(ip, (flat[:3] * pflat[3:]).sum(1), rtol=1e-14)
+    assert torch.allclose(nw2, (flat[:3] * pflat[:3]).sum(1), rtol=1e-14)
+    assert torch.allclose(nl2, (flat[3:] * pflat[3:]).sum(1), rtol=1e-14)
+    assert torch.allclose(layers.rowdot(g, g * P), (flat * pflat).sum(1), rtol=1e-14)
+
+
+def _tied_choice(d, T, V, B=2):
+    m = toy.build_model("gpt2", vocab_size=V, d=d, layers=1, heads=1, positions=max(T, 8)).double()
+    ids = torch.randint(0, V, (2 * B, T), generator=torch.Generator().manual_seed(0))
+    engine = fast._Engine(m, "all", 2 * B, {"ip": (slice(0, B), slice(B, 2 * B)), "nw2": (slice(0, B),) * 2,
+                                            "nl2": (slice(B, 2 * B),) * 2})
+    engine.run(ids, torch.ones_like(ids))
+    return engine.tied_mode[id(m.get_input_embeddings().weight)]
+
+
+def test_tied_weight_rule_materialises_when_cheaper_and_no_larger_than_the_logits_gradient():
+    """True = ghost. d <= T: the (N, V, d) sum is no larger than the (N, T, V) logits gradient and
+    costs 4 T d V < 6 T^2 (d + V) per pair: materialised. d > T with a large vocabulary (GPT-2's
+    regime): ghost (memory cap)."""
+    assert _tied_choice(d=16, T=32, V=300) is False
+    assert _tied_choice(d=64, T=8, V=2000) is True
+
+
+def test_embedding_rule_materialises_a_table_with_no_more_rows_than_positions():
+    m = _model("gpt2")
+    use = layers.Use("wpe", layers.EmbeddingRule(), m.transformer.wpe, {"weight": m.transformer.wpe.weight})
+    use.a = torch.zeros(2, m.transformer.wpe.weight.shape[0], dtype=torch.long)
+    assert not use.rule.cost_prefers_ghost(use)
+    use.a = torch.zeros(2, 8, dtype=torch.long)
+    assert use.rule.cost_prefers_ghost(use)
+
+
+def test_layer_norm_input_modified_in_place_after_the_call_is_refused():
+    """LayerNormRule recomputes xhat from the kept input when the gradient arrives: an input
+    changed in place after the call must be refused, never measured on the new values."""
+    ln = torch.nn.LayerNorm(4, dtype=torch.float64)
+    use = layers.Use("ln", layers.LayerNormRule(), ln, {"weight": ln.weight})
+
+    class Host(layers.RuleHost):
+        N, T, dtype = 2, 3, torch.float64
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    use.rule.capture(use, Host(), (x,), {}, ln(x))
+    use.b = torch.ones(2, 3, 4, dtype=torch.float64)
+    assert torch.allclose(use.rule.per_sample(use, "weight"), (ln(x) - ln.bias).detach().sum(1) / ln.weight.detach())
+    x.mul_(2.0)
+    with pytest.raises(layers.GesimError, match="modified in place"):
+        use.rule.per_sample(use, "weight")
+
+
+@pytest.mark.parametrize("ghost", [True, False])
+def test_fast_row_gram_equals_gram_of_torch_func_per_row_gradients_fp64(monkeypatch, ghost):
+    """The full (N, N) Gram (flattened Grams for a use with itself, no N^2 gathers) against
+    G G^T of torch.func's per-row gradients, ghost and materialised."""
+    from gesim.probe.func import per_sample_grads
+    m = _model("gpt2")
+    ids, mask = _batch(3).stacked()
+    monkeypatch.setattr(layers.LinearRule, "cost_prefers_ghost", lambda self, use: ghost)
+    monkeypatch.setattr(layers.EmbeddingRule, "cost_prefers_ghost", lambda self, use: ghost)
+    monkeypatch.setattr(fast, "tied_materialise_cheaper", lambda uses, p, N: not ghost)
+    G = per_sample_grads(m, ids, mask)
+    want = G @ G.T
+    got = fast.fast_row_gram(m, ids, mask)
+    assert float((got - want).abs().max() / want.abs().max()) < RTOL
+
+
+def test_linear_input_modified_in_place_after_the_call_is_refused():
+    """LinearRule keeps the model's own input tensor (no copy): an input changed in place after
+    the call (invisible to autograd when the weights are frozen) must be refused."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(7, 4, dtype=torch.float64)
+            self.fc = torch.nn.Linear(4, 7, dtype=torch.float64)
+
+        def forward(self, ids):
+            h = self.emb(ids) * 1.0
+            out = self.fc(h)
+            h.mul_(2.0)
+            return out
+
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(layers.GesimError, match="modified in place"):
+        probe.pair_stats(Net(), _pairs(ids))
+
+
+def _pairs(ids):
+    from gesim import lm
+    mask = torch.ones_like(ids)
+    return lm.PairBatch(ids[:1], ids[1:], mask[:1], mask[1:])
