@@ -10,7 +10,7 @@ import torch
 
 from gesim import probe
 from gesim.encode import collate, encode_rows
-from gesim.probe import fast, layers, toy
+from gesim.probe import fast, layers, products, rows, toy
 
 warnings.filterwarnings("ignore", message=".*(batching rule|fallback).*")
 RTOL = 1e-10
@@ -45,19 +45,19 @@ def test_every_ghost_or_materialised_choice_matches_reference_fp64(monkeypatch, 
 @pytest.mark.parametrize("small", [0, 10**9])
 def test_small_gradients_joined_or_one_by_one_match_reference_fp64(monkeypatch, small):
     m, b = _model("gpt2"), _batch(3)
-    monkeypatch.setattr(fast, "SMALL", small)
+    monkeypatch.setattr(products, "SMALL", small)
     _close(probe.pair_stats(m, b, backend="fast"), probe.pair_stats(m, b, backend="reference"))
 
 
 def test_pair_gram_equals_row_dots():
     g = torch.randn(6, 5, 7, dtype=torch.float64)
     P = torch.rand(5, 7, dtype=torch.float64)
-    ip, nw2, nl2 = layers.pair_gram(g, g * P, 3)
+    ip, nw2, nl2 = rows.pair_gram(g, g * P, 3)
     flat, pflat = g.reshape(6, -1), (g * P).reshape(6, -1)
     assert torch.allclose(ip, (flat[:3] * pflat[3:]).sum(1), rtol=1e-14)
     assert torch.allclose(nw2, (flat[:3] * pflat[:3]).sum(1), rtol=1e-14)
     assert torch.allclose(nl2, (flat[3:] * pflat[3:]).sum(1), rtol=1e-14)
-    assert torch.allclose(layers.rowdot(g, g * P), (flat * pflat).sum(1), rtol=1e-14)
+    assert torch.allclose(rows.rowdot(g, g * P), (flat * pflat).sum(1), rtol=1e-14)
 
 
 def _tied_choice(d, T, V, B=2):

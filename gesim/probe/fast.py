@@ -17,7 +17,7 @@ For a pair batch (rows 0..B-1 chosen, B..2B-1 rejected) the three products of a 
 itself come from one stacked pass (``Rule.pair_products``): the self Grams of all 2B rows in
 one bmm per side (nw2 and nl2 together, each symmetric T x T), the chosen x rejected Grams in
 one more; materialised per-sample gradients give all three from one (B, 2, P) x (B, P, 2)
-GEMM (``layers.pair_gram``), and the short ones (norms, biases) are joined into one at the end.
+GEMM (``rows.pair_gram``), and the short ones (norms, biases) are joined into one at the end.
 
 Preconditioner: supported (every matrix is then materialised one layer at a time, since
 the ghost identity has no diagonal weighting). Products are accumulated in float32, or
@@ -33,7 +33,6 @@ import torch
 
 from gesim import dynamics, lm
 from gesim.errors import GesimError
-from gesim.probe.grams import embedding_gram, linear_gram
 from gesim.probe.layers import (
     ElementwiseRule,
     EmbeddingRule,
@@ -41,108 +40,15 @@ from gesim.probe.layers import (
     RowRule,
     RuleHost,
     Use,
-    gather_head,
-    pair_gram,
     rule_for,
-    tensors,
 )
+from gesim.probe.products import Products
 from gesim.probe.reference import precond_vector, selected_named  # noqa: F401 (precond checks)
-
-KEYS = ("ip", "nw2", "nl2")
-SMALL = 4096  # per-sample gradients up to this length (norms, biases) are joined into one pair Gram
-
-
-class _Products:
-    """Which products to take: ``pairs`` {key: (ia, ib)} row indices (or slices) over the N rows, or the
-    full (N, N) Gram when ``pairs`` is None."""
-
-    def __init__(self, pairs, N, dtype, device):
-        self.pairs, self.N = pairs, N
-        B = N // 2  # the pair layout of fast_pair_stats: one stacked Gram per parameter for all three keys
-        self.stacked = pairs is not None and N % 2 == 0 and set(pairs) == set(KEYS) and all(
-            isinstance(x, slice) and (x.start, x.stop) == want for k in KEYS for x, want in
-            zip(pairs[k], {"ip": ((0, B), (B, N)), "nw2": ((0, B), (0, B)), "nl2": ((B, N), (B, N))}[k]))
-        if pairs is None:
-            self.total = torch.zeros(N, N, dtype=dtype, device=device)
-        else:
-            self.total = {k: torch.zeros(len(range(N)[ia]), dtype=dtype, device=device) for k, (ia, _) in pairs.items()}
-        self.layers = defaultdict(dict)
-        self.record_layers = True  # per-use contributions in self.layers (pair_stats(per_layer=True))
-        self.small = []  # (g_u, g_v) of short per-sample gradients, joined in flush() (not per layer)
-        self.deferred = []  # {key: (K,)} per use, summed in flush() (not per layer)
-
-    def index_pairs(self):
-        if self.pairs is None:  # full Gram: all (i, j), built once (the same objects every call)
-            ia = torch.arange(self.N).repeat_interleave(self.N)
-            self.pairs_all = getattr(self, "pairs_all", None) or {"K": (ia, torch.arange(self.N).repeat(self.N))}
-            return self.pairs_all
-        return self.pairs
-
-    def add(self, name, values):
-        """values: {key: (K,)} from ghost products (K index pairs)."""
-        if self.pairs is None:
-            values = {"K": values["K"].view(self.N, self.N)}
-            self.total += values["K"]
-        elif not self.record_layers:  # summed once in flush(): one stack and sum per key, not an add per use
-            self.deferred.append(values)
-        else:
-            for k, v in values.items():
-                self.total[k] += v
-        if self.record_layers:
-            for k, v in values.items():
-                self.layers[name][k] = self.layers[name].get(k, 0) + v.detach()
-
-    def dots(self, name, g_u, g_v, P=None):
-        """Add <g_u, P g_v> for materialised per-sample gradients (N, ...)."""
-        gu, gv = g_u.flatten(1), g_v.flatten(1)
-        if P is not None:
-            gv = gv * P.reshape(1, -1).to(gv.dtype)
-        if self.stacked and not self.record_layers and gu.shape[1] <= SMALL:  # joined in flush()
-            self.small.append((gu, gv))
-            return
-        if self.stacked:  # <g_w, P g_l>, <g_w, P g_w>, <g_l, P g_l> in one (B, 2, P) x (B, P, 2) GEMM
-            ip, nw2, nl2 = pair_gram(gu, gv, self.N // 2)
-            self.add(name, {"ip": ip, "nw2": nw2, "nl2": nl2})
-            return
-        if self.pairs is None:
-            self.add(name, {"K": (gu @ gv.T).reshape(-1)})
-        else:
-            self.add(name, {k: (gu[ia] * gv[ib]).sum(1) for k, (ia, ib) in self.pairs.items()})
-
-    def flush(self):
-        """The products of the small per-sample gradients (norm weights, biases) kept by ``dots``:
-        concatenated, one pair Gram (one call instead of several small ones per vector)."""
-        if self.small:
-            gu, gv = (torch.cat(x, 1) for x in zip(*self.small))
-            self.small = []
-            ip, nw2, nl2 = pair_gram(gu, gv, self.N // 2)
-            self.add("vectors", {"ip": ip, "nw2": nw2, "nl2": nl2})
-        if self.deferred:
-            for k, total in self.total.items():
-                parts = [v[k] for v in self.deferred if k in v]
-                if parts:
-                    total += torch.stack(parts).sum(0)
-            self.deferred = []
-
-    def ghost(self, name, u, v):
-        if self.stacked and u is v:
-            got = u.rule.pair_products(u, self.N // 2)
-            if got is not None:
-                self.add(name, got)
-                return
-        if self.pairs is None and u is v and isinstance(u.rule, (LinearRule, EmbeddingRule)):
-            # the full Gram from flattened (NT x NT) Grams, not N^2 gathered T x T pairs (gesim.probe.grams)
-            K = linear_gram(u.a, u.b) if isinstance(u.rule, LinearRule) else embedding_gram(u.a, u.b)
-            self.add(name, {"K": K.reshape(-1)})
-            return
-        self.add(name, {k: u.rule.product(u, ia, v, ib) for k, (ia, ib) in self.index_pairs().items()})
-
-
-CONTAINERS = (torch.nn.ParameterDict, torch.nn.ParameterList, torch.nn.ModuleDict, torch.nn.ModuleList)
+from gesim.probe.rows import CONTAINERS, gather_head, tensors
 
 
 class _Engine(RuleHost):
-    """Hooks, one forward, one backward; fills a :class:`_Products`."""
+    """Hooks, one forward, one backward; fills a :class:`Products`."""
 
     def __init__(self, model, select, N, pairs, precond=None):
         self.model, self.N, self.T = model, N, 0
@@ -152,7 +58,7 @@ class _Engine(RuleHost):
         self.selected = {id(p): name for name, p in chosen}
         first = chosen[0][1]
         self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-        self.products = _Products(pairs, N, self.dtype, first.device)
+        self.products = Products(pairs, N, self.dtype, first.device)
         self.tensor_hooks = []  # handles of the hooks on hooked outputs, removed after the backward
         self.named = dict(model.named_modules())
         self.owner = defaultdict(set)  # id(param) -> names of the modules whose calls it is differentiated through

@@ -31,7 +31,7 @@ from collections import defaultdict
 import torch
 
 from gesim.errors import GesimError
-from gesim.probe.layers import close
+from gesim.probe.rows import close
 
 CHUNK = 1 << 21  # elements of one (tokens x vocabulary) chunk of logits
 ROWS = 2048  # vocabulary rows of W per chunk: the chunk is read from memory once, reused from cache

@@ -33,12 +33,10 @@ from gesim.probe.layers import (
     RowRule,
     RuleHost,
     Use,
-    gather_head,
     rule_for,
 )
 from gesim.probe.reference import selected_named
-
-CONTAINERS = (torch.nn.ParameterDict, torch.nn.ParameterList, torch.nn.ModuleDict, torch.nn.ModuleList)
+from gesim.probe.rows import CONTAINERS, gather_head
 
 
 def as_index(rows: torch.Tensor):

@@ -43,8 +43,9 @@ import torch
 from gesim import lm
 from gesim.errors import GesimError
 from gesim.probe import lmhead
-from gesim.probe.layers import ElementwiseRule, RuleHost, Use, close, rule_for
+from gesim.probe.layers import ElementwiseRule, RuleHost, Use, rule_for
 from gesim.probe.reference import selected_named
+from gesim.probe.rows import close
 
 MAT_CAP = 1 << 25  # elements of one materialised (tokens x d_out x d_in) block; larger layers are split over d_out
 
