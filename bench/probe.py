@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -133,7 +134,7 @@ def bench_setting(name, shape, dtype, B, T, device, reps, methods, V):
         fns["plain_fwd_bwd"]()
         times = cpu_interleaved(fns, reps, rewarm=True)
         row["timing"] = ("CPU seconds (time.process_time), medians of interleaved repetitions, each after an "
-                         "untimed call of the same method; machine under load")
+                         "untimed call of the same method")
         if dtype == "float32":  # every float32 shape (the fast probe's cost rules differ between them)
             row["cpu_peak_rss_above_model_bytes"] = {m: child_peak(name, B, T, V, m) for m in ("plain_fwd_bwd", "fast")}
             peaks = row["cpu_peak_rss_above_model_bytes"]
@@ -191,7 +192,7 @@ def peak_child(name, B, T, V, method):
     print(1024 * (_status_kib("VmHWM") - base))
 
 
-TOKEN_NOTE = ("CPU seconds (time.process_time), one thread, machine shared with other jobs (under load); "
+TOKEN_NOTE = ("CPU seconds (time.process_time), one thread (the machine's load: the JSON's load_average); "
               "medians of interleaved repetitions. floor = measured sequential part (one forward to the "
               "head's input + one activation-only backward per token) + counted FLOPs of the per-layer "
               "products and the head's closed form at this machine's measured GEMM rate (gemm_flop_per_s); "
@@ -463,8 +464,8 @@ def main(argv=None):
     rows = [bench_setting(n, shapes[n], dt, B, T, device, args.reps, methods, V) for n, dt, B, T in settings]
     result = {"mode": args.mode, "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
               or platform.machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "note": "random-init GPT-2-shaped models built from configs; CPU shared with other jobs" if
-              device == "cpu" else "random-init GPT-2-shaped models built from configs",
+              "note": "random-init GPT-2-shaped models built from configs",
+              "load_average_before": os.getloadavg(), "cpus": os.cpu_count(),
               "settings": rows}
     grams = [(512, 32)] if args.quick else [(v, t) for v in (512, 8192, 50257) for t in (32, 128)]
     if args.token_settings:

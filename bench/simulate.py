@@ -58,8 +58,10 @@ POLICIES = {
 #: Single-threaded comparisons are timed in CPU time of this process (time.process_time): on a
 #: shared machine it excludes the time the scheduler gives to other jobs. The big run is wall time.
 CLOCK = time.process_time
-LOAD_NOTE = ("timings taken on a shared 2-core machine under load from five other jobs: absolute times are "
-             "inflated and noisy; ratios within one run (interleaved, medians) are the meaningful numbers")
+LOAD_NOTE = ("CPU time of this process for the single-threaded comparisons, wall time for the big run; "
+             "how busy the machine was is in machine.load_average_before/after (2 CPUs: near 1 = nothing "
+             "else running besides the bench); ratios within one run (interleaved, medians) are the "
+             "meaningful numbers, absolute times move with the load")
 
 
 def _median_time(fn, repeats):
