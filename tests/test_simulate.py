@@ -151,6 +151,16 @@ def test_cli_simulate_bad_input_is_one_line(capsys):
 
 # ---- the logit-space engine (issue 17): fast = weight space = plain loop ----------------------------
 
+def _three_engines_agree(cfg):
+    """The logit-space engine = the weight-space engine (1e-9) = the per-instance autograd loop (1e-6)."""
+    fast = simulate(cfg, engine="logit").arrays
+    slow = simulate(cfg, engine="weights").arrays
+    plain = simulate_loop(cfg).arrays
+    for key in FIELDS:
+        np.testing.assert_allclose(fast[key], slow[key], rtol=1e-9, atol=1e-12, err_msg=key)
+        np.testing.assert_allclose(fast[key], plain[key], rtol=1e-6, atol=1e-9, err_msg=key)
+
+
 @pytest.mark.parametrize("policy, loss, shape", [
     ("context", "dpo", dict(prefix=2, differ=1, suffix=5)),
     ("context", "simpo", dict(differ_w=1, differ_l=3, suffix=4, tail_w=2)),
@@ -161,12 +171,7 @@ def test_cli_simulate_bad_input_is_one_line(capsys):
 def test_logit_space_engine_equals_weight_space_engine_and_loop(policy, loss, shape):
     """The logit-space update Delta Z = eta (a K_w C_w - b K_l C_l) is the weight-space step exactly."""
     cfg = SimConfig(policy=policy, loss=loss, instances=14, chunk=11, steps=4, vocab=24, dim=8, eta=0.3, **shape)
-    fast = simulate(cfg, engine="logit").arrays
-    slow = simulate(cfg, engine="weights").arrays
-    plain = simulate_loop(cfg).arrays
-    for key in FIELDS:
-        np.testing.assert_allclose(fast[key], slow[key], rtol=1e-9, atol=1e-12, err_msg=key)
-        np.testing.assert_allclose(fast[key], plain[key], rtol=1e-6, atol=1e-9, err_msg=key)
+    _three_engines_agree(cfg)
 
 
 @pytest.mark.parametrize("policy, shape", [
@@ -221,12 +226,7 @@ def test_rule_reading_the_geometry_runs_the_two_pass_step_exactly(monkeypatch, p
     monkeypatch.setattr(logit, "TILE_BYTES", 1)  # tiles of one instance
     cfg = dataclasses.replace(SMALL, policy=policy, rule="geometry_test", instances=7, chunk=5, steps=3,
                               suffix=suffix, eta=0.2)
-    fast = simulate(cfg, engine="logit").arrays
-    slow = simulate(cfg, engine="weights").arrays
-    plain = simulate_loop(cfg).arrays
-    for key in FIELDS:
-        np.testing.assert_allclose(fast[key], slow[key], rtol=1e-9, atol=1e-12, err_msg=key)
-        np.testing.assert_allclose(fast[key], plain[key], rtol=1e-6, atol=1e-9, err_msg=key)
+    _three_engines_agree(cfg)
 
 
 @pytest.mark.parametrize("policy", ["context", "free_logits", "single_token"])
