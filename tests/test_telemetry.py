@@ -326,6 +326,35 @@ def test_a_head_read_inside_a_fused_function_is_recorded_through_external_use(ar
     _close(tel.pop().pair_stats(d_w, d_l, B), want, rtol=FLOAT32_PARTS.get(arch, RTOL))
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["float64", "bf16"])
+def test_a_tied_head_read_inside_a_fused_function_without_external_use_is_refused(bf16):
+    """The silent case: GPT-2's head weight is the input embedding; a fused head Function reads it
+    where no hook sees it, and the embedding's hooked use makes the weight look covered. The
+    first record block checks that the tied weight's recorded uses add up to its gradient and
+    refuses by name (before this check the rows silently lacked the head's share)."""
+    m, b = _model("gpt2"), _batch()
+    if bf16:
+        m = m.to(torch.bfloat16)
+    ids, mask = b.stacked()
+    labels = ids.masked_fill(mask == 0, -100)
+    head, P = m.get_output_embeddings(), len(b)
+    tel = StepTelemetry(m)
+
+    def fused_forward(input_ids):
+        h = m.base_model(input_ids=input_ids).last_hidden_state.double()
+        lp = _FusedLogProbs.apply(h[:, :-1], head.weight.double(), labels[:, 1:].clamp(min=0))
+        return lp.masked_fill(labels[:, 1:] == -100, 0)
+
+    m.forward = fused_forward
+    try:
+        with pytest.raises(GesimError, match="transformer.wte.weight|lm_head.weight"):
+            with tel.record(torch.arange(P), torch.arange(P, 2 * P)):
+                lw, ll = m(ids).sum(1).chunk(2)
+                losses.get("dpo")("torch", lw, ll, *_refs(b)).mean().backward()
+    finally:
+        del m.forward
+
+
 class _Functional(torch.nn.Module):
     """A model using a module's weight functionally (the module itself is never called)."""
 

@@ -90,6 +90,7 @@ class Recorder(RuleHost):
                 rule = ElementwiseRule()
             entry.append(rule)
         self._replay, self.copy_outputs = False, True  # RowRule: a copy of each output, never a view
+        self.verify = True  # the first block checks that every parameter's hooked uses add up to its gradient
 
     # -- what the rules read -------------------------------------------------------------
     # -- one block -----------------------------------------------------------------------
@@ -108,8 +109,9 @@ class Recorder(RuleHost):
                    self.model.register_forward_hook(self._root_post)]
         for mname, (module, roles, rule) in self.plan.items():
             handles.append(module.register_forward_hook(self._hook(mname, rule, roles), with_kwargs=True))
+        self.sums = {}  # first block: each parameter's hooked uses' shares, summed (see _fired)
         for pid, p in self.params.items():
-            handles.append(p.register_hook(lambda g, pid=pid: self.fired.add(pid)))
+            handles.append(p.register_hook(lambda g, pid=pid: self._fired(pid, g)))
         embedding = torch.nn.functional.embedding
         watched = {id(m.weight): m for m in self.named.values() if isinstance(m, torch.nn.Embedding)}
 
@@ -140,6 +142,8 @@ class Recorder(RuleHost):
             raise GesimError("telemetry: cannot read the batch's rows from the model's inputs (no input_ids "
                              "or inputs_embeds of shape (N, T, ...))")
         self.N, self.T = int(x.shape[0]), int(x.shape[1])
+        self.low_precision = torch.is_autocast_enabled(x.device.type) or any(
+            p.dtype in (torch.bfloat16, torch.float16) for p in self.params.values())
         cw, rj = self.rows
         top = int(max(cw.max(), rj.max()))
         if top >= self.N or int(min(cw.min(), rj.min())) < 0:
@@ -169,6 +173,8 @@ class Recorder(RuleHost):
                 return None  # gradient checkpointing re-runs a forward already recorded
             if not _in_backward():
                 self.fwd_calls[mname] = self.fwd_calls.get(mname, 0) + 1
+            if isinstance(output, torch.Tensor) and torch.is_autocast_enabled(output.device.type):
+                self.low_precision = True  # autocast is entered inside forward, after the root's pre-hook
             k = self.n_uses.get(id(mod), 0)
             use = Use(f"{mname or type(mod).__name__}#{k}" if k else (mname or type(mod).__name__), rule0, mod, roles)
             out = output
@@ -231,8 +237,32 @@ class Recorder(RuleHost):
         self.arrived += 1
         self._consume(use)
 
+    def _fired(self, pid, g):
+        """A selected parameter's gradient is complete. On the first block its hooked uses' shares
+        (summed as they were consumed, which is before: a use's output gradient arrives before the
+        module's backward forms the weight gradient) must add up to it: a use no hook sees (a fused
+        kernel reading the weight, e.g. an LM head inside a custom autograd Function, tied to the
+        hooked embedding) would otherwise drop its share of the rows silently. One GEMM per use,
+        once; float rounding allowed per precision."""
+        self.fired.add(pid)
+        got = self.sums.pop(pid, None) if self.verify else None
+        if got is None:
+            return
+        want = g.detach().to(self.dtype)
+        tol = 5e-2 if self.low_precision else {torch.float64: 1e-5}.get(self.dtype, 1e-3)
+        err = float((got - want).norm() / want.norm().clamp_min(torch.finfo(self.dtype).tiny))
+        if err > tol:
+            raise GesimError(f"telemetry: the uses of {self.selected[pid]} that module hooks see do not add up to "
+                             f"its gradient (relative difference {err:.1e}): it is also used where no hook sees it "
+                             "(a fused kernel reading the weight?); record that use with Recorder.external_use, or "
+                             "select parameters without it")
+
     def _consume(self, use):
         use.extra["consumed"] = True
+        if self.verify and use.rule.streaming:
+            for role, p in use.roles.items():
+                share = use.rule.total(use, role).reshape(p.shape).to(self.dtype)
+                self.sums[id(p)] = self.sums[id(p)] + share if id(p) in self.sums else share
         keep = False
         for role, p in use.roles.items():
             if self.n_uses[("p", id(p))] == 1:
@@ -352,6 +382,7 @@ class Recorder(RuleHost):
                                                        device=p.device), self)
                     self.pending[pid].append((u, next(r for r, q in u.roles.items() if q is p)))
             self._tied(p)
+        self.verify, self.sums = False, {}  # checked on the first block only
 
 
 def _rule(module):
