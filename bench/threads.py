@@ -12,7 +12,11 @@ Each setting runs in a fresh process (torch reads its thread count at start-up),
 * ``simulate``: 2000 x 20 instance-steps of the context policy on one single-threaded worker and
   with the policy (single-threaded workers, one per CPU allowed).
 
-Run it on a quiet machine and next to a busy process; the JSON records the load average.
+``--busy K`` (repeatable; default ``0`` and ``2``) measures every case next to K background
+processes of its own making, each one a single-threaded float32 GEMM loop standing in for another
+user's job (K = 2 on 2 cores is a fully busy machine), so "quiet" and "busy" are conditions the
+bench sets, not whatever the machine happened to be doing; the JSON still records the load average
+before and after each condition (other tenants count too).
 """
 
 from __future__ import annotations
@@ -62,6 +66,14 @@ print(json.dumps({"s": time.perf_counter() - t0, "threads": torch.get_num_thread
 
 PRELUDE = "from gesim import threads; threads.configure()\n"
 
+SPIN = """
+import torch
+torch.set_num_threads(1)
+a = torch.randn(512, 512)
+while True:
+    a = torch.tanh(a @ a)
+"""
+
 
 def run(code: str, args: list[str], policy: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in (*threads.ENV, threads.AUTO, "OMP_WAIT_POLICY")}
@@ -71,12 +83,29 @@ def run(code: str, args: list[str], policy: bool) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def measure(cases, repeats) -> dict:
+    """Every case ``repeats`` times, round robin, in fresh processes; medians and the two speed-ups."""
+    load0 = os.getloadavg()
+    raw = {k: [] for k in cases}
+    for _ in range(repeats):
+        for name, (code, a, policy) in cases.items():
+            raw[name].append(run(code, a, policy))
+    med = {k: statistics.median(d["s_per_step"] if "s_per_step" in d else d["s"] for d in r) for k, r in raw.items()}
+    return {"load_average_before": load0, "load_average_after": os.getloadavg(), "raw": raw, "median_s": med,
+            "gpt_step_speedup": med["gpt_step torch default"] / med["gpt_step gesim policy"],
+            "simulate_speedup": med["simulate one single-threaded worker"] / med["simulate gesim policy (workers)"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "threads.json"))
+    ap.add_argument("--busy", type=int, action="append", metavar="K",
+                    help="background single-threaded GEMM loops next to each case (repeatable; default 0 and 2)")
     args = ap.parse_args(argv)
+    if any(k < 0 for k in args.busy or []) or args.repeats < 1:
+        ap.error("--busy and --repeats take non-negative counts (--repeats at least 1)")
     steps = "5" if args.quick else "20"
     cases = {
         "gpt_step torch default": (GPT_STEP, [steps], False),
@@ -84,23 +113,26 @@ def main(argv=None) -> int:
         "simulate one single-threaded worker": (SIMULATE, ["1"], False),
         "simulate gesim policy (workers)": (SIMULATE, ["auto"], True),
     }
-    load0 = os.getloadavg()
-    raw = {k: [] for k in cases}
-    for _ in range(args.repeats):
-        for name, (code, a, policy) in cases.items():
-            raw[name].append(run(code, a, policy))
-    med = {k: statistics.median(d["s_per_step"] if "s_per_step" in d else d["s"] for d in r) for k, r in raw.items()}
-    result = {
-        "load_average_before": load0, "load_average_after": os.getloadavg(), "cpus": os.cpu_count(),
-        "available_cpus": threads.available_cpus(), "repeats": args.repeats, "raw": raw, "median_s": med,
-        "gpt_step_speedup": med["gpt_step torch default"] / med["gpt_step gesim policy"],
-        "simulate_speedup": med["simulate one single-threaded worker"] / med["simulate gesim policy (workers)"],
-        "note": "wall time; the load average says how busy the machine was (2 CPUs: above 2 is a busy machine)"}
+    conditions = {}
+    for busy in args.busy or [0, 2]:
+        spinners = [subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL) for _ in range(busy)]
+        try:
+            conditions[f"busy {busy}"] = measure(cases, args.repeats) | {"busy_processes": busy}
+        finally:
+            for p in spinners:
+                p.kill()
+                p.wait()
+    result = {"cpus": os.cpu_count(), "available_cpus": threads.available_cpus(), "repeats": args.repeats,
+              "conditions": conditions,
+              "note": "wall time, medians over repeats; 'busy K' = K single-threaded GEMM loops started by the "
+                      "bench run next to every case; the load averages say what else the machine was doing "
+                      "(2 CPUs: above 2 is a busy machine)"}
     write_json(Path(args.out), result)
-    for k, v in med.items():
-        print(f"{k}: {v:.4f} s")
-    print(f"gpt step x{result['gpt_step_speedup']:.2f}, simulate x{result['simulate_speedup']:.2f} "
-          f"(load {load0[0]:.1f}) -> {args.out}")
+    for cond, r in conditions.items():
+        print(f"{cond} (load {r['load_average_before'][0]:.1f}): gpt step x{r['gpt_step_speedup']:.2f}, "
+              f"simulate x{r['simulate_speedup']:.2f}")
+    print(f"-> {args.out}")
     return 0
 
 
