@@ -60,6 +60,59 @@ def test_both_exact_forms_of_the_layer_products_match_the_loop(monkeypatch, form
     assert _gap(m, *_rows(60)) < RTOL
 
 
+@pytest.mark.parametrize("form", ["ghost", "materialise"])
+@pytest.mark.parametrize("step", [1, 2, None])
+def test_batched_backward_in_chunks_matches_the_loop(monkeypatch, form, step):
+    """The per-token backwards run ``step`` tokens at a time as one vmapped backward (None: as many as
+    BWD_CAP allows, here a whole row; 1: plain backwards); chunks of 2 split rows of 13 and 9 tokens, and
+    streamed (materialised) layers take each chunk as it comes: all exact against the loop."""
+    other = "materialise" if form == "ghost" else "ghost"
+    monkeypatch.setattr(tokens, "linear_gram_flops", lambda *a: {form: 0, other: 1})
+    if step is not None:
+        monkeypatch.setattr(tokens, "backward_step", lambda n, per_token: min(n, step))
+    for arch, tied in (("gpt2", True), ("llama", False)):
+        m = toy.build_model(arch, vocab_size=60, d=16, tied=tied).double()
+        assert _gap(m, *_rows(60)) < RTOL
+
+
+class _NumpyTanh(torch.autograd.Function):
+    """tanh with a backward through numpy: vmap cannot batch it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return torch.from_numpy(g.detach().numpy() * (1 - y.detach().numpy() ** 2))
+
+
+def test_a_backward_vmap_cannot_batch_falls_back_to_one_backward_per_token(monkeypatch):
+    m = toy.build_model("gpt2", vocab_size=60, d=16, tied=True).double()
+    for block in m.transformer.h:
+        block.mlp.act = type("NumpyAct", (torch.nn.Module,), {"forward": lambda self, x: _NumpyTanh.apply(x)})()
+    calls = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: (calls.append(k.get("is_grads_batched", False)),
+                                                                 real(*a, **k))[1])
+    ids, mask = _rows(60)
+    assert _gap(m, ids, mask) < RTOL
+    n_tokens = int(mask[:, 1:].sum())
+    assert calls[0] is True and calls[1:1 + n_tokens] == [False] * n_tokens  # refused once, then per token
+
+
+@pytest.mark.parametrize("select", ["bias", "weight"])
+def test_ghost_layers_with_only_biases_or_only_weights_selected(monkeypatch, select):
+    """Ghost products fold a selected bias into C = A A^T + 1; with the weight alone, or the bias alone
+    (then a vector parameter), the blocks still match the loop."""
+    monkeypatch.setattr(tokens, "linear_gram_flops", lambda *a: {"ghost": 0, "materialise": 1})
+    m = toy.build_model("gpt2", vocab_size=60, d=16, tied=False).double()
+    assert _gap(m, *_rows(60), params=lambda n, p: n.endswith(select) and ("c_" in n)) < RTOL
+
+
 def test_cost_rule_counts_all_pairs_of_the_full_gram():
     """Ghost is cheaper exactly when T < d_in (module docstring): both counts scale with M^2."""
     for T, d_in, d_out in [(48, 128, 512), (48, 512, 128), (256, 128, 512), (32, 16, 64)]:
@@ -95,10 +148,13 @@ def test_head_closed_form_by_hand():
 
 @pytest.mark.parametrize("m0", [1, 3, 5])
 @pytest.mark.parametrize("chunk", [lmhead.CHUNK, 7])
-def test_head_pass_on_the_models_own_logits_equals_recomputing_them(monkeypatch, m0, chunk):
+@pytest.mark.parametrize("touch", [lmhead.TOUCH, 2])
+def test_head_pass_on_the_models_own_logits_equals_recomputing_them(monkeypatch, m0, chunk, touch):
     """The check forward's logits of the first m0 tokens (Z0, bias included) replace the head pass's
-    own GEMM for those tokens: same result, with and without bias, in one chunk or many."""
+    own GEMM for those tokens: same result, with and without bias, in one chunk or many; with all
+    tokens' logits given (m0 = 5) the cotangent runs over sub-chunks of ``touch`` rows read first."""
     monkeypatch.setattr(lmhead, "CHUNK", chunk)
+    monkeypatch.setattr(lmhead, "TOUCH", touch)
     g = torch.Generator().manual_seed(4)
     H = torch.randn(5, 4, generator=g, dtype=torch.float64)
     W = torch.randn(9, 4, generator=g, dtype=torch.float64)
