@@ -311,8 +311,9 @@ def token_counts(model, T, M, V):
     """Counted FLOPs of the cheapest exact token Gram for one row of T tokens with M response tokens
     (gesim.probe.tokens): ``body_pass`` = the linear GEMMs of one forward of the body (2 T d_in d_out
     per matrix; the activation-only backward of one token costs the same again); ``products`` = per
-    matrix the cheaper of ghost and materialised over all M^2 pairs (tokens.linear_gram_flops),
-    plus 2 M^2 x (size) for vectors and the grouped embeddings (<= T ids); ``head`` = the closed
+    matrix the cheaper of ghost and materialised over all M^2 pairs (tokens.linear_gram_flops; the
+    bias adds 2 M^2 d_out to the materialised form, nothing to the ghost one: C + 1), plus 2 M^2 x
+    (size) for the other vectors and the grouped embeddings (<= T ids); ``head`` = the closed
     form: 2 M V d (logits at the response positions) + 2 M V d (p @ W, the cotangent into the body)
     + 2 M^2 (V + d)."""
     from gesim.probe.tokens import linear_gram_flops
@@ -324,7 +325,8 @@ def token_counts(model, T, M, V):
         if type(mod).__name__ == "Conv1D" or isinstance(mod, torch.nn.Linear):
             d_in, d_out = (w.shape[0], w.shape[1]) if type(mod).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
             body += 2 * T * d_in * d_out
-            products += min(linear_gram_flops(M, 1, T, d_in, d_out).values()) + 2 * M * M * d_out
+            c = linear_gram_flops(M, 1, T, d_in, d_out)  # the bias: free in the ghost form (C + 1), a vector otherwise
+            products += min(c.values()) + (0 if c["ghost"] < c["materialise"] else 2 * M * M * d_out)
         elif isinstance(mod, torch.nn.Embedding):
             products += 2 * M * M * min(T, w.shape[0]) * w.shape[1]
         else:
