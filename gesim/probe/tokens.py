@@ -309,8 +309,8 @@ def _grads(h, targets, seeds, batched):
 
 
 class _Stream:
-    """A materialised linear layer's per-token weight gradients written as each token's output
-    gradient arrives, so no (M, T, d_out) buffer is kept for it (the copy into one cost about 10%
+    """A materialised linear layer's per-token weight gradients written as each batch of tokens' output
+    gradients arrives, so no (M, T, d_out) buffer is kept for it (the copy into one cost about 10%
     of the token Gram at T 128): ``J[k] = A_r^T B_k`` (or its transpose: the GEMM runs along the
     wider side) and, with a bias, ``B_k`` summed over positions."""
 
