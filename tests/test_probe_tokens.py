@@ -113,6 +113,25 @@ def test_ghost_layers_with_only_biases_or_only_weights_selected(monkeypatch, sel
     assert _gap(m, *_rows(60), params=lambda n, p: n.endswith(select) and ("c_" in n)) < RTOL
 
 
+@pytest.mark.parametrize("M,rows", [(1, 1), (2, 4), (3, 4), (5, 8), (8, 8)])
+def test_check_row_pads_the_heads_gemm_to_a_multiple_of_4_rows(M, rows):
+    """The model's own head runs on the first m0 = M tokens padded to a multiple of 4 rows (1 stays 1;
+    MKL's remainder rows cost a matrix-vector product each); the padding's logits are dropped: exact."""
+    m = toy.build_model("gpt2", vocab_size=60, d=16, tied=True).double()
+    ids = torch.randint(3, 60, (1, 20), generator=torch.Generator().manual_seed(M))
+    mask = torch.zeros_like(ids)
+    mask[0, 20 - M:] = 1
+    seen = []
+    handle = m.get_output_embeddings().register_forward_hook(lambda mod, a, out: seen.append(tuple(out.shape)))
+    try:
+        K, _ = tokens.fast_token_gram(m, ids, mask)
+    finally:
+        handle.remove()
+    assert seen == [(1, rows, 60)]
+    R, _ = reference_token_gram(m, ids, mask)
+    assert float((K - R).abs().max() / R.abs().max()) < RTOL
+
+
 def test_cost_rule_counts_all_pairs_of_the_full_gram():
     """Ghost is cheaper exactly when T < d_in (module docstring): both counts scale with M^2."""
     for T, d_in, d_out in [(48, 128, 512), (48, 512, 128), (256, 128, 512), (32, 16, 64)]:

@@ -131,7 +131,11 @@ def _cotangent(eW, e, Wc, touch):
 
 class FirstTokens:
     """The head's input for the check row: the hidden states of the first m0 response tokens (earlier
-    rows' from ``H``, then this row's at ``pos``), shaped like the row's (1, m0, d)."""
+    rows' from ``H``, then this row's at ``pos``), shaped like the row's (1, rows, d); ``rows`` = m0
+    rounded up to a multiple of 4 (the last state repeated; 1 stays 1), the callers keep the first m0
+    logits. Measured with MKL on a CPU (float64, d 128, V 50257): a GEMM of m rows by W costs about
+    that of 4 floor(m / 4) rows plus one matrix-vector product (6 ms) per remaining row (7 rows:
+    26 ms inside the token Gram, 4 rows: 7.7 ms, 8 rows: 8.2 ms)."""
 
     def __init__(self, H, pos, m0, T):
         self.H, self.pos, self.m0, self.T, self.sub = list(H), pos, m0, T, None
@@ -141,7 +145,9 @@ class FirstTokens:
             raise GesimError("the output head was not called on the row's hidden states")
         own = h.detach().reshape(self.T, -1)[self.pos]
         sub = torch.cat([x.to(own.dtype) for x in self.H] + [own])[:self.m0]
-        self.sub = sub.reshape(*h.shape[:-2], self.m0, -1) if h.dim() > 2 else sub
+        rows = self.m0 if self.m0 == 1 else -(-self.m0 // 4) * 4
+        sub = torch.cat([sub, sub[-1:].expand(rows - self.m0, -1)]) if rows > self.m0 else sub
+        self.sub = sub.reshape(*h.shape[:-2], rows, -1) if h.dim() > 2 else sub
         return self.sub
 
 

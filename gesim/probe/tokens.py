@@ -29,7 +29,8 @@ stacked side by side into one Gram.
 for token k; its block is ``(h_k . h_l) <q_k, q_l>`` with ``q = e_y - p``, in vocabulary chunks.
 The forward of each row stops at the head's input (the (T, V) logits are never formed; without a
 selected body parameter it runs without a graph); on the last row the model's own head runs on the
-hidden states of the first ``m0 = CHUNK // V`` response tokens (at least one), its logits are
+hidden states of the first ``m0 = CHUNK // V`` response tokens (at least one; the GEMM padded to a
+multiple of 4 rows, :class:`gesim.probe.lmhead.FirstTokens`), its logits are
 checked against ``W h + b`` (a head that post-processes its logits, soft-capping or scaling, is
 refused) and reused by the head pass, so that check costs no extra read of W.
 
@@ -209,6 +210,7 @@ def fast_token_gram(model, ids, mask, select="all"):
                     raise GesimError("the output head was not called on the row's hidden states")
                 if check:
                     Z0 = lmhead.check_head(logits, head, check.sub, dtype)
+                    Z0 = Z0[:m0] if Z0 is not None else None  # the rows past m0 pad the head's GEMM
                 cap.h = cap.h.reshape(T, -1)
                 H.append(cap.h.detach()[pos].to(dtype))
                 caps.append((cap, pos))
