@@ -226,6 +226,9 @@ def test_bench_quick_token_part_is_gated_and_counts_its_floor(tmp_path):
         assert rates["logits"]["flop_per_s"] == max(rates["logits"]["tried"].values()) > 0
         assert rates["cotangent"]["flop_per_s"] == max(rates["cotangent"]["tried"].values()) > 0
     assert row["all_params"]["floor_head_at_shape_rates_cpu_s"] > row["all_params"]["sequential_part_cpu_s"]
+    a = row["all_params"]  # the sequential part: the faster of per-token and batched backwards; the old floor kept
+    assert a["sequential_part_cpu_s"] == min(a["sequential_part_per_token_cpu_s"], a["sequential_part_batched_cpu_s"])
+    assert a["floor_cpu_s"] <= a["floor_per_token_backward_cpu_s"] and a["backward_tokens_per_batch"] > 1
     assert row["head_block"]["bound_cpu_s"] > row["head_block"]["forward_to_head_cpu_s"] > 0
 
 

@@ -154,7 +154,7 @@ class FirstTokens:
 def check_head(logits, head, h, dtype):
     """The model's logits at the check positions equal its head applied to the head's input there
     (on up to 512 vocabulary columns spread over V: soft-capping or scaling would change them all);
-    returns them as (m0, V) in ``dtype`` (None if the model's logits have another dtype)."""
+    returns them as (rows, V) in ``dtype`` (None if the model's logits have another dtype)."""
     if h is None:
         raise GesimError("the output head was not called in the forward pass")
     V = head.weight.shape[0]
