@@ -194,7 +194,12 @@ def peak_child(name, B, T, V, method):
 
 TOKEN_NOTE = ("CPU seconds (time.process_time), one thread (the machine's load: the JSON's load_average); "
               "medians of interleaved repetitions. floor = measured sequential part (one forward to the "
-              "head's input + one activation-only backward per token) + counted FLOPs of the per-layer "
+              "head's input + one activation-only backward per token, the faster of two ways measured in the "
+              "same run: one backward after another, sequential_part_per_token_cpu_s, and the same backwards "
+              "batched backward_tokens_per_batch at a time as one vmapped backward (is_grads_batched, as "
+              "gesim.probe.tokens runs them), sequential_part_batched_cpu_s: the same arithmetic per token "
+              "in larger GEMMs, so no exact method needs more than the faster of them; the earlier floor, "
+              "per-token backwards only, is kept as floor_per_token_backward_cpu_s) + counted FLOPs of the per-layer "
               "products and the head's closed form at this machine's measured GEMM rate (gemm_flop_per_s); "
               "floor_with_head_W_read also charges the head at least one read of W (V x d) at the measured "
               "read bandwidth (the head's thin GEMMs are memory-bound when few tokens are asked). "
@@ -306,8 +311,9 @@ def token_counts(model, T, M, V):
     """Counted FLOPs of the cheapest exact token Gram for one row of T tokens with M response tokens
     (gesim.probe.tokens): ``body_pass`` = the linear GEMMs of one forward of the body (2 T d_in d_out
     per matrix; the activation-only backward of one token costs the same again); ``products`` = per
-    matrix the cheaper of ghost and materialised over all M^2 pairs (tokens.linear_gram_flops),
-    plus 2 M^2 x (size) for vectors and the grouped embeddings (<= T ids); ``head`` = the closed
+    matrix the cheaper of ghost and materialised over all M^2 pairs (tokens.linear_gram_flops; the
+    bias adds 2 M^2 d_out to the materialised form, nothing to the ghost one: C + 1), plus 2 M^2 x
+    (size) for the other vectors and the grouped embeddings (<= T ids); ``head`` = the closed
     form: 2 M V d (logits at the response positions) + 2 M V d (p @ W, the cotangent into the body)
     + 2 M^2 (V + d)."""
     from gesim.probe.tokens import linear_gram_flops
@@ -319,7 +325,8 @@ def token_counts(model, T, M, V):
         if type(mod).__name__ == "Conv1D" or isinstance(mod, torch.nn.Linear):
             d_in, d_out = (w.shape[0], w.shape[1]) if type(mod).__name__ == "Conv1D" else (w.shape[1], w.shape[0])
             body += 2 * T * d_in * d_out
-            products += min(linear_gram_flops(M, 1, T, d_in, d_out).values()) + 2 * M * M * d_out
+            c = linear_gram_flops(M, 1, T, d_in, d_out)  # the bias: free in the ghost form (C + 1), a vector otherwise
+            products += min(c.values()) + (0 if c["ghost"] < c["materialise"] else 2 * M * M * d_out)
         elif isinstance(mod, torch.nn.Embedding):
             products += 2 * M * M * min(T, w.shape[0]) * w.shape[1]
         else:
@@ -328,10 +335,12 @@ def token_counts(model, T, M, V):
     return {"body_pass": body, "products": products, "head": 4 * M * V * d + 2 * M * M * (V + d)}
 
 
-def sequential_part(model, ids, positions):
+def sequential_part(model, ids, positions, step=1):
     """The part no exact method skips (a token's gradient depends on all earlier positions): one forward
     of the row up to the head's input and one activation-only backward per response token down to the
-    embedding output (random cotangents; the values do not matter for the time)."""
+    embedding output (random cotangents; the values do not matter for the time). ``step`` > 1: the
+    per-token backwards run ``step`` tokens at a time as one vmapped backward (``is_grads_batched``:
+    the same arithmetic per token, in larger GEMMs), as gesim.probe.tokens runs them."""
     caps, hs = [], []
     emb = model.get_input_embeddings()
     h1 = emb.register_forward_hook(lambda m, a, o: caps.append(o))
@@ -347,13 +356,33 @@ def sequential_part(model, ids, positions):
             except StopIteration:
                 pass
             h = hs[0]
-            for k, p in enumerate(positions):
-                seed = torch.zeros_like(h)
-                seed[0, p] = 1.0
-                torch.autograd.grad(h, caps, seed, retain_graph=k + 1 < len(positions))
+            for c0 in range(0, len(positions), step):
+                chunk = positions[c0:c0 + step]
+                seeds = torch.zeros(len(chunk), *h.shape, dtype=h.dtype)
+                seeds[torch.arange(len(chunk)), 0, torch.tensor(chunk)] = 1.0
+                last = c0 + step >= len(positions)
+                if step == 1:
+                    torch.autograd.grad(h, caps, seeds[0], retain_graph=not last)
+                else:
+                    torch.autograd.grad(h, caps, seeds, retain_graph=not last, is_grads_batched=True)
     finally:
         h1.remove()
         h2.remove()
+
+
+def fast_backward_step(model, ids, K):
+    """Tokens per batched backward that gesim.probe.tokens uses on this row with all parameters selected
+    (its output-gradient elements per token: the outputs of the modules owning parameters, head excluded)."""
+    from gesim.probe.tokens import backward_step
+    head, sizes = model.get_output_embeddings(), []
+    hooks = [m.register_forward_hook(lambda m, a, o: sizes.append(o.numel())) for m in model.modules()
+             if m is not head and any(True for _ in m.parameters(recurse=False))]
+    try:
+        forward_to_head(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return backward_step(K, sum(sizes))
 
 
 def bench_token_gram(V, T, reps, d=128, layers=4, heads=4):
@@ -384,7 +413,10 @@ def bench_token_gram(V, T, reps, d=128, layers=4, heads=4):
         fns = {"fast": fast, "loop": loop}
         if part == "all_params":
             pos = list(range(T - K - 1, T - 1))
-            fns["sequential_part"] = lambda m=model, pos=pos: sequential_part(m, ids, pos)
+            step = fast_backward_step(model, ids, K)
+            fns["sequential_part_per_token"] = lambda m=model, pos=pos: sequential_part(m, ids, pos)
+            if step > 1:
+                fns["sequential_part_batched"] = lambda m=model, pos=pos, s=step: sequential_part(m, ids, pos, s)
         else:
             fns["forward_to_head"] = lambda m=model: forward_to_head(m, ids)
         t = cpu_interleaved(fns, reps)
@@ -395,6 +427,8 @@ def bench_token_gram(V, T, reps, d=128, layers=4, heads=4):
         r_logits, r_cot = shape_rates["logits"]["flop_per_s"], shape_rates["cotangent"]["flop_per_s"]
         if part == "all_params":
             counts = token_counts(model, T, K, V)
+            t["sequential_part"] = min(t["sequential_part_per_token"], t.get("sequential_part_batched", 1e9))
+            old = t["sequential_part_per_token"] + (counts["products"] + counts["head"]) / rate
             bandwidth = read_rate(V * d_model)
             floor = t["sequential_part"] + (counts["products"] + counts["head"]) / rate
             w_read = 8 * V * d_model / bandwidth  # the head must read W (V x d, float64) once
@@ -408,7 +442,12 @@ def bench_token_gram(V, T, reps, d=128, layers=4, heads=4):
                         "fast_over_floor_with_W_read": t["fast"] / roof,
                         "loop_over_floor": t["loop"] / floor, "head_gemm_rates": shape_rates,
                         "floor_head_at_shape_rates_cpu_s": at_shape,
-                        "fast_over_floor_head_at_shape_rates": t["fast"] / at_shape})
+                        "fast_over_floor_head_at_shape_rates": t["fast"] / at_shape,
+                        "backward_tokens_per_batch": step,
+                        "sequential_part_per_token_cpu_s": t["sequential_part_per_token"],
+                        "sequential_part_batched_cpu_s": t.get("sequential_part_batched"),
+                        "floor_per_token_backward_cpu_s": old,
+                        "fast_over_floor_per_token_backward": t["fast"] / old})
         else:
             bound = t["forward_to_head"] + 2 * K * V * d_model / r_logits + 2 * K * K * V / rate
             out.update({"forward_to_head_cpu_s": t["forward_to_head"], "head_gemm_rates": shape_rates,

@@ -60,6 +60,78 @@ def test_both_exact_forms_of_the_layer_products_match_the_loop(monkeypatch, form
     assert _gap(m, *_rows(60)) < RTOL
 
 
+@pytest.mark.parametrize("form", ["ghost", "materialise"])
+@pytest.mark.parametrize("step", [1, 2, None])
+def test_batched_backward_in_chunks_matches_the_loop(monkeypatch, form, step):
+    """The per-token backwards run ``step`` tokens at a time as one vmapped backward (None: as many as
+    BWD_CAP allows, here a whole row; 1: plain backwards); chunks of 2 split rows of 13 and 9 tokens, and
+    streamed (materialised) layers take each chunk as it comes: all exact against the loop."""
+    other = "materialise" if form == "ghost" else "ghost"
+    monkeypatch.setattr(tokens, "linear_gram_flops", lambda *a: {form: 0, other: 1})
+    if step is not None:
+        monkeypatch.setattr(tokens, "backward_step", lambda n, per_token: min(n, step))
+    for arch, tied in (("gpt2", True), ("llama", False)):
+        m = toy.build_model(arch, vocab_size=60, d=16, tied=tied).double()
+        assert _gap(m, *_rows(60)) < RTOL
+
+
+class _NumpyTanh(torch.autograd.Function):
+    """tanh with a backward through numpy: vmap cannot batch it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return torch.from_numpy(g.detach().numpy() * (1 - y.detach().numpy() ** 2))
+
+
+def test_a_backward_vmap_cannot_batch_falls_back_to_one_backward_per_token(monkeypatch):
+    m = toy.build_model("gpt2", vocab_size=60, d=16, tied=True).double()
+    for block in m.transformer.h:
+        block.mlp.act = type("NumpyAct", (torch.nn.Module,), {"forward": lambda self, x: _NumpyTanh.apply(x)})()
+    calls = []
+    real = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: (calls.append(k.get("is_grads_batched", False)),
+                                                                 real(*a, **k))[1])
+    ids, mask = _rows(60)
+    assert _gap(m, ids, mask) < RTOL
+    n_tokens = int(mask[:, 1:].sum())
+    assert calls[0] is True and calls[1:1 + n_tokens] == [False] * n_tokens  # refused once, then per token
+
+
+@pytest.mark.parametrize("select", ["bias", "weight"])
+def test_ghost_layers_with_only_biases_or_only_weights_selected(monkeypatch, select):
+    """Ghost products fold a selected bias into C = A A^T + 1; with the weight alone, or the bias alone
+    (then a vector parameter), the blocks still match the loop."""
+    monkeypatch.setattr(tokens, "linear_gram_flops", lambda *a: {"ghost": 0, "materialise": 1})
+    m = toy.build_model("gpt2", vocab_size=60, d=16, tied=False).double()
+    assert _gap(m, *_rows(60), params=lambda n, p: n.endswith(select) and ("c_" in n)) < RTOL
+
+
+@pytest.mark.parametrize("M,rows", [(1, 1), (2, 4), (3, 4), (5, 8), (8, 8)])
+def test_check_row_pads_the_heads_gemm_to_a_multiple_of_4_rows(M, rows):
+    """The model's own head runs on the first m0 = M tokens padded to a multiple of 4 rows (1 stays 1;
+    MKL's remainder rows cost a matrix-vector product each); the padding's logits are dropped: exact."""
+    m = toy.build_model("gpt2", vocab_size=60, d=16, tied=True).double()
+    ids = torch.randint(3, 60, (1, 20), generator=torch.Generator().manual_seed(M))
+    mask = torch.zeros_like(ids)
+    mask[0, 20 - M:] = 1
+    seen = []
+    handle = m.get_output_embeddings().register_forward_hook(lambda mod, a, out: seen.append(tuple(out.shape)))
+    try:
+        K, _ = tokens.fast_token_gram(m, ids, mask)
+    finally:
+        handle.remove()
+    assert seen == [(1, rows, 60)]
+    R, _ = reference_token_gram(m, ids, mask)
+    assert float((K - R).abs().max() / R.abs().max()) < RTOL
+
+
 def test_cost_rule_counts_all_pairs_of_the_full_gram():
     """Ghost is cheaper exactly when T < d_in (module docstring): both counts scale with M^2."""
     for T, d_in, d_out in [(48, 128, 512), (48, 512, 128), (256, 128, 512), (32, 16, 64)]:
@@ -95,10 +167,13 @@ def test_head_closed_form_by_hand():
 
 @pytest.mark.parametrize("m0", [1, 3, 5])
 @pytest.mark.parametrize("chunk", [lmhead.CHUNK, 7])
-def test_head_pass_on_the_models_own_logits_equals_recomputing_them(monkeypatch, m0, chunk):
+@pytest.mark.parametrize("touch", [lmhead.TOUCH, 2])
+def test_head_pass_on_the_models_own_logits_equals_recomputing_them(monkeypatch, m0, chunk, touch):
     """The check forward's logits of the first m0 tokens (Z0, bias included) replace the head pass's
-    own GEMM for those tokens: same result, with and without bias, in one chunk or many."""
+    own GEMM for those tokens: same result, with and without bias, in one chunk or many; with all
+    tokens' logits given (m0 = 5) the cotangent runs over sub-chunks of ``touch`` rows read first."""
     monkeypatch.setattr(lmhead, "CHUNK", chunk)
+    monkeypatch.setattr(lmhead, "TOUCH", touch)
     g = torch.Generator().manual_seed(4)
     H = torch.randn(5, 4, generator=g, dtype=torch.float64)
     W = torch.randn(9, 4, generator=g, dtype=torch.float64)
@@ -151,6 +226,9 @@ def test_bench_quick_token_part_is_gated_and_counts_its_floor(tmp_path):
         assert rates["logits"]["flop_per_s"] == max(rates["logits"]["tried"].values()) > 0
         assert rates["cotangent"]["flop_per_s"] == max(rates["cotangent"]["tried"].values()) > 0
     assert row["all_params"]["floor_head_at_shape_rates_cpu_s"] > row["all_params"]["sequential_part_cpu_s"]
+    a = row["all_params"]  # the sequential part: the faster of per-token and batched backwards; the old floor kept
+    assert a["sequential_part_cpu_s"] == min(a["sequential_part_per_token_cpu_s"], a["sequential_part_batched_cpu_s"])
+    assert a["floor_cpu_s"] <= a["floor_per_token_backward_cpu_s"] and a["backward_tokens_per_batch"] > 1
     assert row["head_block"]["bound_cpu_s"] > row["head_block"]["forward_to_head_cpu_s"] > 0
 
 
