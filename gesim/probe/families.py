@@ -143,6 +143,18 @@ UNBUILT = {
     "zamba": 'ValueError: There is an issue with your definition of `tie_weights_key',
     "zamba2": "the tiny float64 model itself fails: RuntimeError: shape '[1, 12, 8, 6",
 }
+# the token Gram's layer-wise fast path (gesim.probe.tokens) runs on these, exact against one backward per
+# token (tests/test_probe_tokens_families.py); every other built family is refused with a GesimError naming
+# the module without a per-token rule, and ``token_gram``'s "auto" backend then runs the per-token loop
+TOKEN_FAST = (
+    "arcee", "bitnet", "bloom", "codegen", "ctrl", "cwm", "deepseek_v3", "electra", "emu3", "ernie4_5", "exaone",
+    "exaone4", "gemma", "gemma3_text", "glm", "glm4", "gpt-sw3", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox",
+    "gptj", "granite", "helium", "hunyuan_v1_dense", "hyperclovax", "internlm3", "iquestcoder", "jais2", "lfm2",
+    "llama", "minicpm3", "ministral", "ministral3", "mistral", "mllama", "modernbert-decoder", "moshi", "mpt",
+    "olmo", "olmo2", "olmo3", "openai-gpt", "persimmon", "phi", "phi3", "qwen2", "qwen3", "rembert", "seed_oss",
+    "smollm3", "stablelm", "starcoder2", "xlm", "youtu",
+)
+TOKEN_FLOAT32 = {"mllama": 1e-6}  # its forward returns float32 logits: the loop's softmax rounds in float32
 SLOW = ("git", "got_ocr2", "kimi_linear")  # over 20 s each on one CPU: marked slow
 FUNC = ("gemma", "gemma2", "gpt2", "llama", "mistral", "opt", "phi3", "qwen3")  # func backend checked too
 ALL_LISTS = (EXACT, LORA_REFUSED, FULL_ONLY, REFUSED, FAILING, UNBUILT)

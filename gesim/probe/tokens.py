@@ -41,6 +41,7 @@ and parameters used outside their module, are refused with a GesimError (``token
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -119,9 +120,16 @@ class _Capture:
                                  "gradient path; no per-token rule")
             use = Use(name, None, mod, roles)
             x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor):
+                raise GesimError(f"module {name} ({type(mod).__name__}): its input is not a tensor; no per-token rule")
             if kind == "linear":
+                if x.numel() != self.T * x.shape[-1]:  # e.g. experts on routed tokens, a linear on per-head states
+                    raise GesimError(f"linear {name} ({type(mod).__name__}) is not applied to one input vector per "
+                                     "position; the per-token loop handles it")
                 use.a = x.detach().reshape(self.T, -1).to(self.dtype)
             elif kind == "embedding":
+                if x.is_floating_point() or x.is_complex():
+                    raise GesimError(f"embedding {name} ({type(mod).__name__}) is not called on token ids")
                 ids = x.reshape(-1)
                 scale = getattr(mod, "embed_scale", 1.0)
                 scale = float(scale.detach().float()) if isinstance(scale, torch.Tensor) else float(scale)
@@ -134,7 +142,8 @@ class _Capture:
                 use.extra["keep"] = None if pad is None else (ids != pad)
             elif kind == "layernorm":
                 xhat = torch.nn.functional.layer_norm(x.detach(), mod.normalized_shape, None, None, mod.eps)
-                use.a = {"weight": xhat.reshape(self.T, -1).to(self.dtype)}
+                # one row per normalised vector (a per-head norm has heads x T of them), summed per token
+                use.a = {"weight": xhat.reshape(-1, math.prod(mod.normalized_shape)).to(self.dtype)}
                 if "bias" in roles:
                     use.a["bias"] = torch.ones_like(use.a["weight"])
             else:
@@ -204,6 +213,8 @@ def fast_token_gram(model, ids, mask, select="all"):
                         logits = lm.logits(model, ids[r:r + 1])
                     except _Stop:
                         pass
+                    except GesimError:  # a rule's own refusal, already naming the module
+                        raise
                     except (RuntimeError, ValueError, IndexError) as err:
                         raise GesimError(f"the model does not run its head on {m0} positions ({err})") from err
                 if cap.h is None or cap.h.numel() % T:
