@@ -62,7 +62,8 @@ def _columns():
                       "pair_agreement", "regimes", "pair_confusion", "batch_confusion", "token_cos_first",
                       "token_cos_last", "history", "config")
     probe_summary = ("pairs", "rows_read", "skipped", "truncated", "pad_token", "processes", "means",
-                     "regime_fractions", "token_gram", "mean_cos_chosen", "mean_cos_rejected", "mean_cos_cross")
+                     "regime_fractions", "token_gram", "mean_cos_chosen", "mean_cos_rejected", "mean_cos_cross",
+                     "backend", "fast_refused")
     simulate = ("suffix", "mean_cos", "p_chosen_down", "p_rejected_up", "predicted_regimes", "realised_regimes")
     regime = ("d_w", "d_l", "delta_lw", "delta_ll", "delta_margin", "regime")
     conditions = ("name", "margin", "source", "params", "d_w", "d_l", "k", "chosen_up", "rejected_down")

@@ -49,6 +49,7 @@ def test_cli_json_matches_two_backward_passes_per_pair(tiny, tmp_path, capsys):
         got = torch.tensor([float(r[k]) for r in rows], dtype=torch.float64)
         assert float((got - ref[k]).abs().max() / ref[k].abs().max()) < 1e-10, k
     assert (tmp_path / "o.tokengram.npz").exists() and len(summary["token_gram"]) == 1
+    assert summary["token_gram"][0]["backend"] == "fast" and "fast_refused" not in summary["token_gram"][0]
 
 
 def test_cli_text_summary_and_counts(tiny, tmp_path, capsys):

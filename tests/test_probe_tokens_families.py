@@ -81,5 +81,8 @@ def test_a_rule_refusal_names_the_module_not_the_head(one_thread):
     with pytest.raises(GesimError, match="embed_positions") as err:
         fast_token_gram(model, ids, mask, "all")
     assert "does not run its head" not in str(err.value)
-    auto = probe.token_gram(model, ids, mask)  # "auto": the per-token loop, exact
+    auto = probe.token_gram(model, ids, mask)  # "auto": the per-token loop, exact, and it says so
     assert torch.allclose(auto.K, reference_token_gram(model, ids, mask, "all")[0], rtol=0, atol=0)
+    assert auto.backend == "reference" and "embed_positions" in auto.why
+    fast = probe.token_gram(families.build_tiny("gpt2").eval(), ids, mask)
+    assert fast.backend == "fast" and fast.why == ""

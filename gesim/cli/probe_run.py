@@ -115,7 +115,8 @@ def token_gram_summary(model, pairs, pad_id, select, device, out_path=None):
         off = lambda M: float((M.sum() - M.diagonal().sum()) / max(M.numel() - len(M), 1))  # noqa: E731
         summary.append({"index": pair.index, "mean_cos_chosen": off(C[on_w][:, on_w]),
                         "mean_cos_rejected": off(C[on_l][:, on_l]),
-                        "mean_cos_cross": float(C[on_w][:, on_l].mean())})
+                        "mean_cos_cross": float(C[on_w][:, on_l].mean()), "backend": gram.backend,
+                        **({"fast_refused": gram.why} if gram.why else {})})
         arrays[f"K_{pair.index}"] = gram.K.double().cpu().numpy()
         arrays[f"index_{pair.index}"] = np.array(gram.index)
     if out_path is not None and arrays:

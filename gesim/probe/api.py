@@ -80,6 +80,8 @@ class TokenGram:
 
     K: torch.Tensor  # (M, M)
     index: list
+    backend: str = "fast"  # what computed K: "fast" (layer-wise) or "reference" (one backward per token)
+    why: str = ""  # with backend="auto", why the fast path refused this model (the loop ran instead)
 
     def cos(self) -> torch.Tensor:
         """Cosine matrix K / sqrt(diag diag^T). (M, M)"""
@@ -98,8 +100,10 @@ def token_gram(model, ids: torch.Tensor, mask: torch.Tensor, select="all", backe
     """Exact token Gram of the per-token log-prob gradients for all masked tokens of ``ids``
     (N, T) right-padded; several rows give the cross blocks (e.g. chosen x rejected).
 
-    ``backend``: ``"fast"``/``"auto"`` (layer-wise, one backward batched over one-hot
-    cotangents, LM-head closed form, docs/theory.md section 8.5) or ``"reference"`` (one backward per token).
+    ``backend``: ``"fast"`` (layer-wise, one backward batched over one-hot cotangents, LM-head
+    closed form, docs/theory.md section 8.5; a model it cannot split per token is refused with a
+    GesimError naming the module), ``"reference"`` (one backward per token) or ``"auto"`` (fast, or
+    the exact per-token loop where fast refuses: the result's ``backend`` and ``why`` say which ran).
     """
     select = _renamed(select, params)
     if backend not in BACKENDS:
@@ -109,21 +113,24 @@ def token_gram(model, ids: torch.Tensor, mask: torch.Tensor, select="all", backe
     was_training = model.training
     model.eval()
     try:
+        ran, why = "fast", ""
         if backend == "reference" or backend == "func":
             from gesim.probe.reference import reference_token_gram
+            ran = "reference"
             K, index = reference_token_gram(model, ids, mask, select)
         else:
             from gesim.probe.tokens import fast_token_gram
             try:
                 K, index = fast_token_gram(model, ids, mask, select)
-            except GesimError:
+            except GesimError as err:
                 if backend == "fast":
                     raise
                 from gesim.probe.reference import reference_token_gram  # exact, one backward per token
+                ran, why = "reference", str(err)
                 K, index = reference_token_gram(model, ids, mask, select)
     finally:
         model.train(was_training)
-    return TokenGram(K.detach(), index)
+    return TokenGram(K.detach(), index, ran, why)
 
 
 def ches(model, batch: lm.PairBatch) -> dict[str, torch.Tensor]:
