@@ -60,6 +60,33 @@ def test_pair_gram_equals_row_dots():
     assert torch.allclose(rows.rowdot(g, g * P), (flat * pflat).sum(1), rtol=1e-14)
 
 
+@pytest.mark.parametrize("ia,ib", [(slice(0, 3), slice(3, 6)), (slice(1, 4), slice(2, 5)), (slice(3, 6), slice(0, 3)),
+                                   (torch.tensor([4, 0, 2]), torch.tensor([1, 5, 2])), (slice(0, 6, 2), slice(1, 6, 2))])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_pair_gram_rows_equals_row_dots_for_views_and_index_rows(ia, ib, contiguous):
+    """The recorder's stacked pair Gram: a strided view for step-1 slices of a contiguous g
+    (overlapping rows included), a stacked gather otherwise; both equal the per-key row dots."""
+    g = torch.randn(6, 5, 7, dtype=torch.float64)
+    if not contiguous:
+        g = torch.randn(7, 5, 6, dtype=torch.float64).transpose(0, 2)[:6]
+    flat = g.reshape(6, -1)
+    ab, aa, bb = rows.pair_gram_rows(g, ia, ib)
+    assert torch.allclose(ab, (flat[ia] * flat[ib]).sum(1), rtol=1e-14)
+    assert torch.allclose(aa, (flat[ia] * flat[ia]).sum(1), rtol=1e-14)
+    assert torch.allclose(bb, (flat[ib] * flat[ib]).sum(1), rtol=1e-14)
+
+
+@pytest.mark.parametrize("T,d_in,d_out,ghost", [(32, 64, 192, True), (64, 128, 384, True), (64, 64, 192, False),
+                                                (32, 64, 64, False), (64, 128, 512, True), (128, 128, 512, False)])
+def test_linear_cost_rule_counts_the_pair_gram_and_the_row_dots(T, d_in, d_out, ghost):
+    """Ghost iff 6 T^2 (d_in + d_out + 1) < 4 T d_in d_out + 8 d_in d_out per pair (the docstring's
+    count); the first two shapes tie on the GEMM FLOPs alone (3 T (d_in + d_out) = 2 d_in d_out)."""
+    use = layers.Use("x", layers.LinearRule(), None, {})
+    use.a, use.b = torch.zeros(2, T, d_in), torch.zeros(2, T, d_out)
+    assert use.rule.cost_prefers_ghost(use) is ghost
+    assert (6 * T * T * (d_in + d_out + 1) < 4 * T * d_in * d_out + 8 * d_in * d_out) is ghost
+
+
 def _tied_choice(d, T, V, B=2):
     m = toy.build_model("gpt2", vocab_size=V, d=d, layers=1, heads=1, positions=max(T, 8)).double()
     ids = torch.randint(0, V, (2 * B, T), generator=torch.Generator().manual_seed(0))

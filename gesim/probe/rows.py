@@ -80,6 +80,23 @@ def pair_gram(x: torch.Tensor, y: torch.Tensor, B: int) -> tuple:
     return g[:, 0, 1], g[:, 0, 0], g[:, 1, 1]
 
 
+def pair_gram_rows(g: torch.Tensor, ia, ib) -> tuple:
+    """``(<g_a, g_b>, <g_a, g_a>, <g_b, g_b>)``, each (K,), for the row pairs ``a = ia[k]``,
+    ``b = ib[k]`` of per-row vectors g (N, ...): one (K, 2, P) x (K, P, 2) batched GEMM, g read
+    once, no (K, P) product temporaries. ``ia``, ``ib``: slices (of step 1 over a contiguous g:
+    a strided view, no copy) or index tensors (one stacked gather)."""
+    g = g.reshape(len(g), -1)
+    n, P = g.shape
+    ra, rb = (range(n)[x] if isinstance(x, slice) else None for x in (ia, ib))
+    if ra is not None and rb is not None and len(ra) == len(rb) and ra.step == rb.step == 1 and \
+            rb.start >= ra.start and g.is_contiguous():
+        xs = g.as_strided((len(ra), 2, P), (P, (rb.start - ra.start) * P, 1), g.storage_offset() + ra.start * P)
+    else:
+        xs = torch.stack([g[ia], g[ib]], 1)  # (K, 2, P)
+    gram = torch.bmm(xs, xs.transpose(1, 2))  # (K, 2, 2)
+    return gram[:, 0, 1], gram[:, 0, 0], gram[:, 1, 1]
+
+
 def close(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Equal up to the rounding of x's dtype (a re-run of the same module on the same input)."""
     if x.shape != y.shape:
