@@ -60,8 +60,9 @@ def test_pair_gram_equals_row_dots():
     assert torch.allclose(rows.rowdot(g, g * P), (flat * pflat).sum(1), rtol=1e-14)
 
 
-@pytest.mark.parametrize("ia,ib", [(slice(0, 3), slice(3, 6)), (slice(1, 4), slice(2, 5)), (slice(3, 6), slice(0, 3)),
-                                   (torch.tensor([4, 0, 2]), torch.tensor([1, 5, 2])), (slice(0, 6, 2), slice(1, 6, 2))])
+@pytest.mark.parametrize("ia,ib", [(slice(0, 3), slice(3, 6)), (slice(1, 4), slice(2, 5)),
+                                   (slice(3, 6), slice(0, 3)), (slice(0, 6, 2), slice(1, 6, 2)),
+                                   (torch.tensor([4, 0, 2]), torch.tensor([1, 5, 2]))])
 @pytest.mark.parametrize("contiguous", [True, False])
 def test_pair_gram_rows_equals_row_dots_for_views_and_index_rows(ia, ib, contiguous):
     """The recorder's stacked pair Gram: a strided view for step-1 slices of a contiguous g
