@@ -171,3 +171,23 @@ def _pairs(ids):
     from gesim import lm
     mask = torch.ones_like(ids)
     return lm.PairBatch(ids[:1], ids[1:], mask[:1], mask[1:])
+
+
+def test_fast_probe_does_not_hold_the_logits_through_the_backward(monkeypatch):
+    """The in-place check of hooked outputs needs them only until the forward ends: the head's
+    output (N x T x V, the largest tensor of a real LM) is released before the backward, so the
+    probe's peak memory is not one logits tensor above a training step's."""
+    import weakref
+
+    m, b = _model("gpt2"), _batch()
+    seen, alive = [], []
+    m.lm_head.register_forward_hook(lambda mod, args, out: seen.append(weakref.ref(out)))
+    on_grad = fast._Engine._on_grad
+
+    def spy(self, use, g):
+        alive.append(seen[-1]() is not None)
+        return on_grad(self, use, g)
+
+    monkeypatch.setattr(fast._Engine, "_on_grad", spy)
+    _close(probe.pair_stats(m, b, backend="fast"), probe.pair_stats(m, b, backend="reference"))
+    assert alive and not any(alive)

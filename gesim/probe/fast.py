@@ -303,6 +303,7 @@ class _Engine(RuleHost):
                     self.copy_outputs = moved = True
                 if moved:
                     s, _ = self._forward(ids, mask, self._plan())
+                self.watched_outputs = []  # checked: not held through the backward (the logits alone are N x T x V)
                 if not self.leaves:
                     raise GesimError("the model has no nn.Embedding module: the probe cannot start its backward")
                 torch.autograd.grad(s.sum(), self.leaves, allow_unused=True)
