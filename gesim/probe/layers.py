@@ -165,11 +165,12 @@ class LinearRule(Rule):
 
     def cost_prefers_ghost(self, use) -> bool:
         """Cost rule (docs/theory.md section 8.2), FLOPs per pair counted to the end: ghost takes
-        three T x T Grams per side (2 T^2 (d_in + d_out) each) and their three row dots (2 T^2
-        each); materialised takes two per-row gradients (2 T d_in d_out each) and the (2 x P)(P x 2)
-        pair Gram (8 d_in d_out). Ghost when 6 T^2 (d_in + d_out + 1) < 4 T d_in d_out + 8 d_in d_out,
-        i.e. 3 T^2 (d_in + d_out + 1) < 2 d_in d_out (T + 2) (so a tie of the GEMM FLOPs alone,
-        3 T (d_in + d_out) = 2 d_in d_out, goes to ghost: no (N, d_in, d_out) tensor written and read)."""
+        three products (two self, one cross), each an A-side and a G-side T x T Gram (2 T^2
+        (d_in + d_out)) and their row dot (2 T^2); materialised takes two per-row gradients
+        (2 T d_in d_out each) and the (2 x P)(P x 2) pair Gram (8 P, P = d_in d_out). Ghost when
+        6 T^2 (d_in + d_out + 1) < 4 T d_in d_out + 8 d_in d_out, i.e. 3 T^2 (d_in + d_out + 1) <
+        2 d_in d_out (T + 2) (a tie of the GEMM FLOPs alone, 3 T (d_in + d_out) = 2 d_in d_out,
+        goes to ghost: no (N, d_in, d_out) tensor written and read)."""
         T, d_in, d_out = use.a.shape[1], use.a.shape[2], use.b.shape[2]
         return 3 * T * T * (d_in + d_out + 1) < 2 * d_in * d_out * (T + 2)
 
