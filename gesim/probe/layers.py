@@ -227,7 +227,9 @@ class EmbeddingRule(Rule):
         use.extra["padding_idx"] = getattr(module, "padding_idx", None)
 
     def grad_arrived(self, use, g, engine):
-        b = g.detach().to(engine.dtype).reshape(engine.N, use.a.shape[1], -1) * use.extra["scale"]
+        b = g.detach().to(engine.dtype).reshape(engine.N, use.a.shape[1], -1)
+        if use.extra["scale"] != 1.0:  # (no copy of the gradient to multiply it by 1)
+            b = b * use.extra["scale"]
         if use.extra["padding_idx"] is not None:
             b = b * (use.a != use.extra["padding_idx"])[..., None]
         use.b = b
