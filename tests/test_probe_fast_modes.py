@@ -42,6 +42,27 @@ def test_every_ghost_or_materialised_choice_matches_reference_fp64(monkeypatch, 
     _close(probe.pair_stats(m, b, backend="fast", per_layer=True), ref)
 
 
+@pytest.mark.parametrize("split", [1, 10**9])
+def test_self_grams_split_in_half_blocks_or_whole_match_reference_fp64(monkeypatch, split):
+    """ghost_pair's symmetric half blocks (forced from 1 position) and the whole T x T Grams."""
+    m, b = _model("gpt2"), _batch()
+    monkeypatch.setattr(rows, "SPLIT_T", split)
+    monkeypatch.setattr(layers.LinearRule, "cost_prefers_ghost", lambda self, use: True)
+    _close(probe.pair_stats(m, b, backend="fast"), probe.pair_stats(m, b, backend="reference"))
+
+
+@pytest.mark.parametrize("T", [1, 5, 63, 64, 65, 130])
+def test_ghost_pair_equals_materialised_per_row_gradients(T):
+    """ip = <G_w^T A_w, G_l^T A_l>, own = ||G_i^T A_i||^2, whether or not T reaches SPLIT_T."""
+    gen = torch.Generator().manual_seed(T)
+    A = torch.randn(6, T, 5, dtype=torch.float64, generator=gen)
+    G = torch.randn(6, T, 7, dtype=torch.float64, generator=gen)
+    g = torch.bmm(G.transpose(1, 2), A).reshape(6, -1)
+    ip, own = rows.ghost_pair(A, G, 3)
+    assert torch.allclose(ip, (g[:3] * g[3:]).sum(1), rtol=1e-12)
+    assert torch.allclose(own, (g * g).sum(1), rtol=1e-12)
+
+
 @pytest.mark.parametrize("small", [0, 10**9])
 def test_small_gradients_joined_or_one_by_one_match_reference_fp64(monkeypatch, small):
     m, b = _model("gpt2"), _batch(3)

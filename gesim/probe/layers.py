@@ -32,6 +32,7 @@ from gesim.probe.rows import (
     close,
     emb_head_from_gather,
     gather_head,
+    ghost_pair,
     map_tensors,
     row_slicer,
     rowdot,
@@ -183,11 +184,8 @@ class LinearRule(Rule):
         return 2 * use.a.shape[1] * use.a.shape[2] * self.out_dim(use)
 
     def pair_products(self, use, B):
-        A, G = use.a, use.b  # a side's two Grams back to back: the second reads it from cache (0-10% faster)
-        own_a, ip_a = torch.bmm(A, A.transpose(1, 2)), torch.bmm(A[:B], A[B:].transpose(1, 2))
-        own_g, ip_g = torch.bmm(G, G.transpose(1, 2)), torch.bmm(G[:B], G[B:].transpose(1, 2))
-        own = rowdot(own_a, own_g)  # (2B,): symmetric
-        return {"ip": rowdot(ip_a, ip_g), "nw2": own[:B], "nl2": own[B:]}
+        ip, own = ghost_pair(use.a, use.b, B)
+        return {"ip": ip, "nw2": own[:B], "nl2": own[B:]}
 
     def product(self, u, ia, v, ib):
         if isinstance(v.rule, EmbeddingRule):
