@@ -99,14 +99,22 @@ def test_pair_gram_rows_equals_row_dots_for_views_and_index_rows(ia, ib, contigu
 
 
 @pytest.mark.parametrize("T,d_in,d_out,ghost", [(32, 64, 192, True), (64, 128, 384, True), (64, 64, 192, False),
-                                                (32, 64, 64, False), (64, 128, 512, True), (128, 128, 512, False)])
-def test_linear_cost_rule_counts_the_pair_gram_and_the_row_dots(T, d_in, d_out, ghost):
-    """Ghost iff 6 T^2 (d_in + d_out + 1) < 4 T d_in d_out + 8 d_in d_out per pair (the docstring's
-    count); the first two shapes tie on the GEMM FLOPs alone (3 T (d_in + d_out) = 2 d_in d_out)."""
+                                                (32, 64, 64, False), (64, 128, 512, True), (128, 128, 512, False),
+                                                (64, 170, 170, True)])
+@pytest.mark.parametrize("split", [64, 10**9])
+def test_linear_cost_rule_counts_the_pair_gram_the_row_dots_and_split_self_grams(monkeypatch, T, d_in, d_out, ghost,
+                                                                                 split):
+    """Ghost iff c T^2 (d_in + d_out) + 6 T^2 < 4 T d_in d_out + 8 d_in d_out per pair, c = 5 when
+    ghost_pair splits the self Grams (T >= SPLIT_T), else 6 (the docstring's count); the first two
+    shapes tie on the GEMM FLOPs alone (3 T (d_in + d_out) = 2 d_in d_out); the last is ghost only
+    with split self Grams."""
+    monkeypatch.setattr(rows, "SPLIT_T", split)
     use = layers.Use("x", layers.LinearRule(), None, {})
     use.a, use.b = torch.zeros(2, T, d_in), torch.zeros(2, T, d_out)
-    assert use.rule.cost_prefers_ghost(use) is ghost
-    assert (6 * T * T * (d_in + d_out + 1) < 4 * T * d_in * d_out + 8 * d_in * d_out) is ghost
+    c = 5 if T >= split else 6
+    want = c * T * T * (d_in + d_out) + 6 * T * T < 4 * T * d_in * d_out + 8 * d_in * d_out
+    assert use.rule.cost_prefers_ghost(use) is want
+    assert want is (ghost if (T, d_in) != (64, 170) else split == 64)
 
 
 def _tied_choice(d, T, V, B=2):

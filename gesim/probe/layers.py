@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gesim.errors import GesimError
+from gesim.probe import rows as rows_module
 from gesim.probe.rows import (
     close,
     emb_head_from_gather,
@@ -167,13 +168,13 @@ class LinearRule(Rule):
     def cost_prefers_ghost(self, use) -> bool:
         """Cost rule (docs/theory.md section 8.2), FLOPs per pair counted to the end: ghost takes
         three products (two self, one cross), each an A-side and a G-side T x T Gram (2 T^2
-        (d_in + d_out)) and their row dot (2 T^2); materialised takes two per-row gradients
-        (2 T d_in d_out each) and the (2 x P)(P x 2) pair Gram (8 P, P = d_in d_out). Ghost when
-        6 T^2 (d_in + d_out + 1) < 4 T d_in d_out + 8 d_in d_out, i.e. 3 T^2 (d_in + d_out + 1) <
-        2 d_in d_out (T + 2) (a tie of the GEMM FLOPs alone, 3 T (d_in + d_out) = 2 d_in d_out,
-        goes to ghost: no (N, d_in, d_out) tensor written and read)."""
+        (d_in + d_out); the self ones 3/4 of that from T >= rows.SPLIT_T, ghost_pair) and a row dot
+        (2 T^2); materialised takes two per-row gradients (2 T d_in d_out each) and the (2 x P)(P x 2)
+        pair Gram (8 P, P = d_in d_out). Ghost when c T^2 (d_in + d_out) + 6 T^2 < 4 T d_in d_out +
+        8 d_in d_out, c = 6 (5 with split self Grams); a tie of the GEMM FLOPs alone goes to ghost."""
         T, d_in, d_out = use.a.shape[1], use.a.shape[2], use.b.shape[2]
-        return 3 * T * T * (d_in + d_out + 1) < 2 * d_in * d_out * (T + 2)
+        c = 5 if T >= rows_module.SPLIT_T else 6
+        return c * T * T * (d_in + d_out) + 6 * T * T < 4 * T * d_in * d_out + 8 * d_in * d_out
 
     def ghost_width(self, use) -> int:
         """Feature width of the T x T Grams of a ghost product (A and B sides)."""
