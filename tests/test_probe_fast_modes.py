@@ -42,6 +42,27 @@ def test_every_ghost_or_materialised_choice_matches_reference_fp64(monkeypatch, 
     _close(probe.pair_stats(m, b, backend="fast", per_layer=True), ref)
 
 
+@pytest.mark.parametrize("split", [1, 10**9])
+def test_self_grams_split_in_half_blocks_or_whole_match_reference_fp64(monkeypatch, split):
+    """ghost_pair's symmetric half blocks (forced from 1 position) and the whole T x T Grams."""
+    m, b = _model("gpt2"), _batch()
+    monkeypatch.setattr(rows, "SPLIT_T", split)
+    monkeypatch.setattr(layers.LinearRule, "cost_prefers_ghost", lambda self, use: True)
+    _close(probe.pair_stats(m, b, backend="fast"), probe.pair_stats(m, b, backend="reference"))
+
+
+@pytest.mark.parametrize("T", [1, 5, 63, 64, 65, 130])
+def test_ghost_pair_equals_materialised_per_row_gradients(T):
+    """ip = <G_w^T A_w, G_l^T A_l>, own = ||G_i^T A_i||^2, whether or not T reaches SPLIT_T."""
+    gen = torch.Generator().manual_seed(T)
+    A = torch.randn(6, T, 5, dtype=torch.float64, generator=gen)
+    G = torch.randn(6, T, 7, dtype=torch.float64, generator=gen)
+    g = torch.bmm(G.transpose(1, 2), A).reshape(6, -1)
+    ip, own = rows.ghost_pair(A, G, 3)
+    assert torch.allclose(ip, (g[:3] * g[3:]).sum(1), rtol=1e-12)
+    assert torch.allclose(own, (g * g).sum(1), rtol=1e-12)
+
+
 @pytest.mark.parametrize("small", [0, 10**9])
 def test_small_gradients_joined_or_one_by_one_match_reference_fp64(monkeypatch, small):
     m, b = _model("gpt2"), _batch(3)
@@ -58,6 +79,42 @@ def test_pair_gram_equals_row_dots():
     assert torch.allclose(nw2, (flat[:3] * pflat[:3]).sum(1), rtol=1e-14)
     assert torch.allclose(nl2, (flat[3:] * pflat[3:]).sum(1), rtol=1e-14)
     assert torch.allclose(rows.rowdot(g, g * P), (flat * pflat).sum(1), rtol=1e-14)
+
+
+@pytest.mark.parametrize("ia,ib", [(slice(0, 3), slice(3, 6)), (slice(1, 4), slice(2, 5)),
+                                   (slice(3, 6), slice(0, 3)), (slice(0, 6, 2), slice(1, 6, 2)),
+                                   (torch.tensor([4, 0, 2]), torch.tensor([1, 5, 2]))])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_pair_gram_rows_equals_row_dots_for_views_and_index_rows(ia, ib, contiguous):
+    """The recorder's stacked pair Gram: a strided view for step-1 slices of a contiguous g
+    (overlapping rows included), a stacked gather otherwise; both equal the per-key row dots."""
+    g = torch.randn(6, 5, 7, dtype=torch.float64)
+    if not contiguous:
+        g = torch.randn(7, 5, 6, dtype=torch.float64).transpose(0, 2)[:6]
+    flat = g.reshape(6, -1)
+    ab, aa, bb = rows.pair_gram_rows(g, ia, ib)
+    assert torch.allclose(ab, (flat[ia] * flat[ib]).sum(1), rtol=1e-14)
+    assert torch.allclose(aa, (flat[ia] * flat[ia]).sum(1), rtol=1e-14)
+    assert torch.allclose(bb, (flat[ib] * flat[ib]).sum(1), rtol=1e-14)
+
+
+@pytest.mark.parametrize("T,d_in,d_out,ghost", [(32, 64, 192, True), (64, 128, 384, True), (64, 64, 192, False),
+                                                (32, 64, 64, False), (64, 128, 512, True), (128, 128, 512, False),
+                                                (64, 170, 170, True)])
+@pytest.mark.parametrize("split", [64, 10**9])
+def test_linear_cost_rule_counts_the_pair_gram_the_row_dots_and_split_self_grams(monkeypatch, T, d_in, d_out, ghost,
+                                                                                 split):
+    """Ghost iff c T^2 (d_in + d_out) + 6 T^2 < 4 T d_in d_out + 8 d_in d_out per pair, c = 5 when
+    ghost_pair splits the self Grams (T >= SPLIT_T), else 6 (the docstring's count); the first two
+    shapes tie on the GEMM FLOPs alone (3 T (d_in + d_out) = 2 d_in d_out); the last is ghost only
+    with split self Grams."""
+    monkeypatch.setattr(rows, "SPLIT_T", split)
+    use = layers.Use("x", layers.LinearRule(), None, {})
+    use.a, use.b = torch.zeros(2, T, d_in), torch.zeros(2, T, d_out)
+    c = 5 if T >= split else 6
+    want = c * T * T * (d_in + d_out) + 6 * T * T < 4 * T * d_in * d_out + 8 * d_in * d_out
+    assert use.rule.cost_prefers_ghost(use) is want
+    assert want is (ghost if (T, d_in) != (64, 170) else split == 64)
 
 
 def _tied_choice(d, T, V, B=2):
@@ -143,3 +200,23 @@ def _pairs(ids):
     from gesim import lm
     mask = torch.ones_like(ids)
     return lm.PairBatch(ids[:1], ids[1:], mask[:1], mask[1:])
+
+
+def test_fast_probe_does_not_hold_the_logits_through_the_backward(monkeypatch):
+    """The in-place check of hooked outputs needs them only until the forward ends: the head's
+    output (N x T x V, the largest tensor of a real LM) is released before the backward, so the
+    probe's peak memory is not one logits tensor above a training step's."""
+    import weakref
+
+    m, b = _model("gpt2"), _batch()
+    seen, alive = [], []
+    m.lm_head.register_forward_hook(lambda mod, args, out: seen.append(weakref.ref(out)))
+    on_grad = fast._Engine._on_grad
+
+    def spy(self, use, g):
+        alive.append(seen[-1]() is not None)
+        return on_grad(self, use, g)
+
+    monkeypatch.setattr(fast._Engine, "_on_grad", spy)
+    _close(probe.pair_stats(m, b, backend="fast"), probe.pair_stats(m, b, backend="reference"))
+    assert alive and not any(alive)

@@ -225,11 +225,11 @@ class _Engine(RuleHost):
         self.products.ghost(name, use, use)
         for v, _ in arrived:
             if v is not use:
-                self.products.ghost(name, use, v)
-                self.products.ghost(name, v, use)
-        pairs = list(self.products.index_pairs().values())
-        use.extra["gathered"] = {id(e): {(id(x), id(y)): gather_head(use.b, y, e.a, x) for ia, ib in pairs
-                                         for x, y in ((ia, ib), (ib, ia))} for e in waiting}
+                self.products.ghost_both(name, use, v)
+        pairs = {(id(x), id(y)): (x, y) for ia, ib in self.products.index_pairs().values()
+                 for x, y in ((ia, ib), (ib, ia))}  # distinct (a self key gives one, not two)
+        use.extra["gathered"] = {id(e): {k: gather_head(use.b, y, e.a, x) for k, (x, y) in pairs.items()}
+                                 for e in waiting}
         use.extra["done"] = True
         if len(use.roles) == 1:  # a tied bias of the same use still needs its output gradient
             use.b = None
@@ -247,9 +247,7 @@ class _Engine(RuleHost):
                 for v, _ in arrived[x:]:
                     if u.extra.get("done") and v.extra.get("done"):
                         continue  # taken when the head arrived (_shrink_head)
-                    self.products.ghost(name, u, v)
-                    if v is not u:
-                        self.products.ghost(name, v, u)
+                    self.products.ghost_both(name, u, v)
         else:
             g = sum(u.rule.per_sample(u, role) for u, role in arrived)
             self.products.dots(name, g, g, P)
@@ -303,6 +301,7 @@ class _Engine(RuleHost):
                     self.copy_outputs = moved = True
                 if moved:
                     s, _ = self._forward(ids, mask, self._plan())
+                self.watched_outputs = []  # checked: not held through the backward (the logits alone are N x T x V)
                 if not self.leaves:
                     raise GesimError("the model has no nn.Embedding module: the probe cannot start its backward")
                 torch.autograd.grad(s.sum(), self.leaves, allow_unused=True)

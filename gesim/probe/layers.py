@@ -28,10 +28,12 @@ from dataclasses import dataclass, field
 import torch
 
 from gesim.errors import GesimError
+from gesim.probe import rows as rows_module
 from gesim.probe.rows import (
     close,
     emb_head_from_gather,
     gather_head,
+    ghost_pair,
     map_tensors,
     row_slicer,
     rowdot,
@@ -164,9 +166,15 @@ class LinearRule(Rule):
         return a.T @ b if self.transposed else b.T @ a  # one GEMM, no (N, d_out, d_in) tensor
 
     def cost_prefers_ghost(self, use) -> bool:
-        """Cost rule (docs/theory.md section 8.2): ghost when 3 T (d_in + d_out) < 2 d_in d_out."""
+        """Cost rule (docs/theory.md section 8.2), FLOPs per pair counted to the end: ghost takes
+        three products (two self, one cross), each an A-side and a G-side T x T Gram (2 T^2
+        (d_in + d_out); the self ones 3/4 of that from T >= rows.SPLIT_T, ghost_pair) and a row dot
+        (2 T^2); materialised takes two per-row gradients (2 T d_in d_out each) and the (2 x P)(P x 2)
+        pair Gram (8 P, P = d_in d_out). Ghost when c T^2 (d_in + d_out) + 6 T^2 < 4 T d_in d_out +
+        8 d_in d_out, c = 6 (5 with split self Grams); a tie of the GEMM FLOPs alone goes to ghost."""
         T, d_in, d_out = use.a.shape[1], use.a.shape[2], use.b.shape[2]
-        return 3 * T * (d_in + d_out) < 2 * d_in * d_out
+        c = 5 if T >= rows_module.SPLIT_T else 6
+        return c * T * T * (d_in + d_out) + 6 * T * T < 4 * T * d_in * d_out + 8 * d_in * d_out
 
     def ghost_width(self, use) -> int:
         """Feature width of the T x T Grams of a ghost product (A and B sides)."""
@@ -177,9 +185,7 @@ class LinearRule(Rule):
         return 2 * use.a.shape[1] * use.a.shape[2] * self.out_dim(use)
 
     def pair_products(self, use, B):
-        A, G = use.a, use.b
-        own = rowdot(torch.bmm(A, A.transpose(1, 2)), torch.bmm(G, G.transpose(1, 2)))  # (2B,): symmetric
-        ip = rowdot(torch.bmm(A[:B], A[B:].transpose(1, 2)), torch.bmm(G[:B], G[B:].transpose(1, 2)))
+        ip, own = ghost_pair(use.a, use.b, B)
         return {"ip": ip, "nw2": own[:B], "nl2": own[B:]}
 
     def product(self, u, ia, v, ib):
@@ -220,7 +226,9 @@ class EmbeddingRule(Rule):
         use.extra["padding_idx"] = getattr(module, "padding_idx", None)
 
     def grad_arrived(self, use, g, engine):
-        b = g.detach().to(engine.dtype).reshape(engine.N, use.a.shape[1], -1) * use.extra["scale"]
+        b = g.detach().to(engine.dtype).reshape(engine.N, use.a.shape[1], -1)
+        if use.extra["scale"] != 1.0:  # (no copy of the gradient to multiply it by 1)
+            b = b * use.extra["scale"]
         if use.extra["padding_idx"] is not None:
             b = b * (use.a != use.extra["padding_idx"])[..., None]
         use.b = b

@@ -101,3 +101,13 @@ class Products:
             self.add(name, {"K": K.reshape(-1)})
             return
         self.add(name, {k: u.rule.product(u, ia, v, ib) for k, (ia, ib) in self.index_pairs().items()})
+
+    def ghost_both(self, name, u, v):
+        """``<G_u, G_v> + <G_v, G_u>`` of two uses of one tied parameter (``u`` alone if ``u is v``);
+        for a key pairing a row set with itself the two orders are the same numbers (a real inner
+        product is symmetric): one product, doubled."""
+        if u is v:
+            return self.ghost(name, u, u)
+        self.add(name, {k: 2 * u.rule.product(u, ia, v, ib) if ia is ib else
+                        u.rule.product(u, ia, v, ib) + v.rule.product(v, ia, u, ib)
+                        for k, (ia, ib) in self.index_pairs().items()})

@@ -36,7 +36,7 @@ from gesim.probe.layers import (
     rule_for,
 )
 from gesim.probe.reference import selected_named
-from gesim.probe.rows import CONTAINERS, gather_head
+from gesim.probe.rows import CONTAINERS, gather_head, pair_gram_rows
 
 
 def as_index(rows: torch.Tensor):
@@ -293,9 +293,9 @@ class Recorder(RuleHost):
         if self.batch_gram:
             x = g[self.index].reshape(len(self.index), -1)
             self._add(x @ x.T)
-        else:
-            g = g.reshape(len(g), -1)
-            self._add({k: (g[ia] * g[ib]).sum(1) for k, (ia, ib) in self.index.items()})
+        else:  # one stacked (K, 2, P) x (K, P, 2) Gram for the three keys
+            wl, w2, l2 = pair_gram_rows(g, *self.index["rwl"])
+            self._add({"rw2": w2, "rl2": l2, "rwl": wl})
 
     def _single(self, use, role, p):
         rule = use.rule
