@@ -34,14 +34,14 @@ multiple of 4 rows, :class:`gesim.probe.lmhead.FirstTokens`), its logits are
 checked against ``W h + b`` (a head that post-processes its logits, soft-capping or scaling, is
 refused) and reused by the head pass, so that check costs no extra read of W.
 
-Modules other than Linear / HF Conv1D / Embedding / LayerNorm / elementwise-parameter norms,
-and parameters used outside their module, are refused with a GesimError (``token_gram``'s
-``"auto"`` backend then uses the per-token loop).
+What each row's forward records, and what is refused (modules other than Linear / HF Conv1D /
+Embedding / LayerNorm / elementwise-parameter norms, parameters used outside their module, with a
+GesimError naming the module; ``token_gram``'s ``"auto"`` backend then uses the per-token loop), is in
+:mod:`gesim.probe.tokencapture`.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
@@ -49,133 +49,17 @@ import torch
 from gesim import lm
 from gesim.errors import GesimError
 from gesim.probe import lmhead
-from gesim.probe.layers import ElementwiseRule, RuleHost, Use, rule_for
 from gesim.probe.reference import selected_named
-from gesim.probe.rows import close
+from gesim.probe.tokencapture import Capture, Stop, check_uses, plan_uses
 
 BWD_CAP = 1 << 22  # output-gradient elements (tokens x positions x widths) of one batched backward (cache-sized)
 MAT_CAP = 1 << 25  # elements of one materialised (tokens x d_out x d_in) block; larger layers are split over d_out
 
 
-class _Stop(Exception):
-    """Raised by the head's pre-hook: the row's forward ends at the head's input."""
-
-
-class _Shim(RuleHost):
-    """What :class:`ElementwiseRule` needs from an engine, for one row."""
-
-    def __init__(self, T, dtype):
-        self.N, self.T, self.dtype, self._replay = 1, T, dtype, False
-
 def linear_gram_flops(M, N, T, d_in, d_out) -> dict:
     """FLOPs of the two exact forms of one linear layer's full (M, M) token Gram (module docstring)."""
     return {"materialise": 2 * M * T * d_in * d_out + 2 * M * M * d_in * d_out,
             "ghost": 2 * N * N * T * T * d_in + 2 * N * M * T * T * d_out + 2 * M * M * T * d_out}
-
-
-def _kind(module, roles):
-    if set(roles) <= {"weight", "bias"}:
-        rule = rule_for(module)
-        if type(rule).__name__ == "LinearRule":
-            return "linear"
-        if type(rule).__name__ == "EmbeddingRule" and set(roles) == {"weight"}:
-            return "embedding"
-        if type(rule).__name__ == "LayerNormRule":
-            return "layernorm"
-    return "vector"
-
-
-class _Capture:
-    """Hooks for one row: per use, what its products need; the head's input."""
-
-    def __init__(self, plan, head, T, dtype, check=None):
-        self.plan, self.head, self.T, self.dtype, self.check = plan, head, T, dtype, check
-        self.uses, self.h, self.handles, self.shim = [], None, [], _Shim(T, dtype)
-
-    def __enter__(self):
-        for module, (name, kind, roles) in self.plan.items():
-            self.handles.append(module.register_forward_hook(self._hook(name, kind, roles), with_kwargs=True))
-        self.handles.append(self.head.register_forward_pre_hook(self._head_hook, with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-    def _head_hook(self, mod, args, kwargs):
-        if self.h is not None:
-            raise GesimError("the output head is called more than once per forward")
-        self.h = args[0] if args else kwargs["input"]
-        if self.check is None:
-            raise _Stop
-        sub = self.check(self.h)  # the head and what follows it run on these positions only
-        return ((sub, *args[1:]), kwargs) if args else (args, {**kwargs, "input": sub})
-
-    def _hook(self, name, kind, roles):
-        def hook(mod, args, kwargs, output):
-            if self.shim._replay:
-                return None
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                raise GesimError(f"module {name} ({type(mod).__name__}): its output is not a tensor on the "
-                                 "gradient path; no per-token rule")
-            use = Use(name, None, mod, roles)
-            x = args[0] if args else kwargs.get("input")
-            if not isinstance(x, torch.Tensor):
-                raise GesimError(f"module {name} ({type(mod).__name__}): its input is not a tensor; no per-token rule")
-            if kind == "linear":
-                if x.numel() != self.T * x.shape[-1]:  # e.g. experts on routed tokens, a linear on per-head states
-                    raise GesimError(f"linear {name} ({type(mod).__name__}) is not applied to one input vector per "
-                                     "position; the per-token loop handles it")
-                use.a = x.detach().reshape(self.T, -1).to(self.dtype)
-            elif kind == "embedding":
-                if x.is_floating_point() or x.is_complex():
-                    raise GesimError(f"embedding {name} ({type(mod).__name__}) is not called on token ids")
-                ids = x.reshape(-1)
-                scale = getattr(mod, "embed_scale", 1.0)
-                scale = float(scale.detach().float()) if isinstance(scale, torch.Tensor) else float(scale)
-                want = torch.nn.functional.embedding(ids, mod.weight.detach()) * scale
-                if ids.numel() != self.T or not close(output.detach().reshape(want.shape), want):
-                    raise GesimError(f"embedding {name} ({type(mod).__name__}) does not return W[ids] * "
-                                     "embed_scale for one id per position")
-                pad = getattr(mod, "padding_idx", None)
-                use.a, use.extra["scale"] = ids, scale
-                use.extra["keep"] = None if pad is None else (ids != pad)
-            elif kind == "layernorm":
-                xhat = torch.nn.functional.layer_norm(x.detach(), mod.normalized_shape, None, None, mod.eps)
-                # one row per normalised vector (a per-head norm has heads x T of them), summed per token
-                use.a = {"weight": xhat.reshape(-1, math.prod(mod.normalized_shape)).to(self.dtype)}
-                if "bias" in roles:
-                    use.a["bias"] = torch.ones_like(use.a["weight"])
-            else:
-                if not ElementwiseRule().capture(use, self.shim, args, kwargs, output.detach()):
-                    raise GesimError(f"module {name} ({type(mod).__name__}): no per-token rule (not linear, "
-                                     "embedding or elementwise); the per-token loop handles it")
-                use.a = {r: j.reshape(-1, *roles[r].shape).to(self.dtype) for r, j in use.a.items()}
-            use.extra["out"] = output
-            self.uses.append(use)
-            return output.clone()  # the model may update its copy in place; the gradient is taken at this one
-        return hook
-
-
-def _plan(model, head, chosen):
-    """{module: (name, kind, roles)} for the modules owning selected parameters (the head excluded);
-    the head's selected roles; refuses parameters owned by nothing that is called."""
-    selected = {id(p) for _, p in chosen}
-    plan, head_roles = {}, {}
-    for name, module in model.named_modules():
-        roles = {r: p for r, p in module.named_parameters(recurse=False) if id(p) in selected}
-        if module is head:
-            head_roles = roles
-            if set(roles) - {"weight", "bias"} or not isinstance(head, torch.nn.Linear):
-                raise GesimError(f"output head {type(head).__name__} is not a plain linear map")
-            continue
-        if roles:
-            kind = _kind(module, roles)
-            if any(p is head.weight for p in roles.values()) and kind != "embedding":
-                raise GesimError(f"the head's weight is also used by {name} ({type(module).__name__}), not an "
-                                 "embedding: no closed form for that tie")
-            plan[module] = (name or type(module).__name__, kind, roles)
-    return plan, head_roles
 
 
 def fast_token_gram(model, ids, mask, select="all"):
@@ -190,7 +74,7 @@ def fast_token_gram(model, ids, mask, select="all"):
     chosen = selected_named(model, select)
     dtype = torch.float64 if chosen[0][1].dtype == torch.float64 else torch.float32
     head = output_head(model)
-    plan, head_roles = _plan(model, head, chosen)
+    plan, head_roles = plan_uses(model, head, chosen)
     W = head.weight
     N, T = ids.shape
     rows = [[t for r, t in index if r == i] for i in range(N)]
@@ -208,10 +92,10 @@ def fast_token_gram(model, ids, mask, select="all"):
                     continue
                 pos = torch.tensor(rows[r], device=ids.device) - 1
                 check = lmhead.FirstTokens(H, pos, m0, T) if r == last else None
-                with _Capture(plan, head, T, dtype, check) as cap, torch.set_grad_enabled(bool(plan)):
+                with Capture(plan, head, T, dtype, check) as cap, torch.set_grad_enabled(bool(plan)):
                     try:
                         logits = lm.logits(model, ids[r:r + 1])
-                    except _Stop:
+                    except Stop:
                         pass
                     except GesimError:  # a rule's own refusal, already naming the module
                         raise
@@ -225,7 +109,7 @@ def fast_token_gram(model, ids, mask, select="all"):
                 cap.h = cap.h.reshape(T, -1)
                 H.append(cap.h.detach()[pos].to(dtype))
                 caps.append((cap, pos))
-            _check_uses(plan, caps)
+            check_uses(plan, caps)
             y = torch.tensor([int(ids[r, t]) for r, t in index], device=ids.device)
             Hm = torch.cat(H)
             Wd = W.detach().to(dtype)
@@ -246,14 +130,6 @@ def fast_token_gram(model, ids, mask, select="all"):
             p.requires_grad_(flag)
     _products(K, plan, caps, grads, rows, head_roles.get("weight"), Hm, y, emb_ids, qU, dtype, streams)
     return K, index
-
-
-def _check_uses(plan, caps):
-    called = {id(u.module) for c in caps if c for u in c[0].uses}
-    missing = [name for module, (name, _, _) in plan.items() if id(module) not in called]
-    if missing:
-        raise GesimError("selected parameters of modules never called in the forward pass (used "
-                         "functionally?): " + ", ".join(missing))
 
 
 def _embedding_ids(W, caps):
