@@ -155,6 +155,14 @@ TOKEN_FAST = (
     "smollm3", "stablelm", "starcoder2", "xlm", "youtu",
 )
 TOKEN_FLOAT32 = {"mllama": 1e-6}  # its forward returns float32 logits: the loop's softmax rounds in float32
+# the training-pair recorder (StepTelemetry, the trl callback) refuses these by name (parameters used
+# functionally: recurrent/convolutional mixers; a module returning a tensor the rules cannot split); on every
+# other built family its rows equal per-row autograd (tests/test_telemetry_families.py)
+TELEMETRY_REFUSED = (
+    "bailing_hybrid", "falcon_mamba", "gpt_neox_japanese", "jamba", "kimi_linear", "lara_mini", "lfm3",
+    "longcat_flash", "mamba", "nemotron_h", "olmo_hybrid", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text",
+    "qwen3_5_text", "qwen3_next",
+)
 SLOW = ("git", "got_ocr2", "kimi_linear")  # over 20 s each on one CPU: marked slow
 FUNC = ("gemma", "gemma2", "gpt2", "llama", "mistral", "opt", "phi3", "qwen3")  # func backend checked too
 ALL_LISTS = (EXACT, LORA_REFUSED, FULL_ONLY, REFUSED, FAILING, UNBUILT)
