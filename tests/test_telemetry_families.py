@@ -7,7 +7,7 @@ exception. Six rows of different lengths, right-padded.
 Found by this test: the first-block check (hooked uses add up to each gradient) compared a parameter's
 difference with its own gradient's norm, so an attention key's bias, whose gradient is exactly zero
 (softmax ignores a shift shared by all keys), failed on rounding noise and refused OPT, BART, BERT-like
-and 20 more families; and a learned position table returning (T, d) without a batch axis (Blenderbot,
+and 22 more families; and a learned position table returning (T, d) without a batch axis (Blenderbot,
 BigBird-Pegasus) raised a RuntimeError."""
 
 import warnings

@@ -257,7 +257,7 @@ class Recorder(RuleHost):
         G the norm of the whole selected gradient, tol the precision's rounding allowance (1e-5 float64,
         1e-3 float32, 5e-2 autocast / bf16). Relative to ``||grad_p||`` alone, a parameter whose gradient
         cancels to rounding noise failed on noise: an attention key's bias (softmax ignores a shift shared
-        by all keys, so its gradient is exactly zero) refused OPT, BART, BERT-like and 20 more families.
+        by all keys, so its gradient is exactly zero) refused 26 families (OPT, BART, BERT-like, ...).
         A share no hook sees is caught whenever it exceeds tol max(||grad_p||, G / 10), so what could
         escape moves the rows by less than tol / 10 of the gradient."""
         if not self.checks:
