@@ -546,6 +546,24 @@ def test_float64_llama_under_gradient_checkpointing_rows_equal_the_reference_pro
     _check_against_reference(trainer, cb, seen, ref_model=trainer.ref_model, tol=1e-6)
 
 
+def test_float64_opt_rows_equal_the_reference_probe(tmp_path, one_thread):
+    """OPT (learned positions offset by 2, biased q/k/v projections whose key bias has an exactly zero
+    gradient, tied head) end to end in trl, against the reference probe: a third family on the trl path
+    (tests/test_telemetry_families.py runs the recorder on every family, where the key biases' zero
+    gradients once made its first-block check refuse OPT on rounding noise; on this trl run the old check
+    happened to pass)."""
+    ARCH["arch"] = "opt"
+    try:
+        trainer = _trainer(tmp_path, steps=2, batch=2, dtype=torch.float64, bf16=False, lr=1e-2)
+        assert type(trainer.model).__name__ == "OPTForCausalLM"
+        cb = TrainEntanglementCallback(out_dir=False).attach(trainer)
+        seen = _capture(trainer)
+        trainer.train()
+        _check_against_reference(trainer, cb, seen, ref_model=trainer.ref_model, tol=1e-6)
+    finally:
+        ARCH["arch"] = "gpt2"
+
+
 # ---- CPOTrainer (trl.experimental.cpo): the model's own logits --------------------------------
 
 def _cpo_trainer(tmp_path, steps=2, batch=3, **cfg):

@@ -29,9 +29,10 @@ def build_tokenizer():
 
 def build_model(arch: str = "gpt2", vocab_size: int = 51, d: int = 32, layers: int = 2, heads: int = 2,
                 tied: bool = True, seed: int = 0, positions: int = 128):
-    """A random-init HF causal LM from a config: ``arch`` 'gpt2' or 'llama'."""
+    """A random-init HF causal LM from a config: ``arch`` 'gpt2', 'llama' or 'opt' (OPT: learned positions
+    offset by 2, biased attention projections, its head always tied)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
     if arch == "gpt2":
@@ -44,8 +45,13 @@ def build_model(arch: str = "gpt2", vocab_size: int = 51, d: int = 32, layers: i
                           max_position_embeddings=positions, tie_word_embeddings=tied,
                           bos_token_id=2, eos_token_id=2, pad_token_id=0)
         return LlamaForCausalLM(cfg).eval()
+    if arch == "opt":
+        cfg = OPTConfig(vocab_size=vocab_size, hidden_size=d, ffn_dim=2 * d, num_hidden_layers=layers,
+                        num_attention_heads=heads, max_position_embeddings=positions, word_embed_proj_dim=d,
+                        bos_token_id=2, eos_token_id=2, pad_token_id=0, dropout=0.0, attention_dropout=0.0)
+        return OPTForCausalLM(cfg).eval()
     from gesim.errors import unknown
-    raise unknown("toy architecture", arch, ("gpt2", "llama"))
+    raise unknown("toy architecture", arch, ("gpt2", "llama", "opt"))
 
 
 def save_tiny_model(directory, arch: str = "gpt2", **kwargs) -> Path:
