@@ -35,17 +35,12 @@ def _rows():
     return ids, mask
 
 
-def _names():
-    return sorted(set(families.EXACT) | set(families.LORA_REFUSED) | set(families.FULL_ONLY))
-
-
 def test_token_fast_list_names_built_families_only():
-    built = set(families.EXACT) | set(families.LORA_REFUSED) | set(families.FULL_ONLY)
-    assert set(families.TOKEN_FAST) <= built
+    assert set(families.TOKEN_FAST) <= set(families.built())
     assert set(families.TOKEN_FLOAT32) <= set(families.TOKEN_FAST)
 
 
-@pytest.mark.parametrize("name", _names())
+@pytest.mark.parametrize("name", families.built())
 def test_family_token_gram_fast_is_exact_or_refused(name, one_thread):
     model = families.build_tiny(name).eval()
     ids, mask = _rows()

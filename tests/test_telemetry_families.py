@@ -37,12 +37,11 @@ def _rows():
 
 
 def _names():
-    built = sorted(set(families.EXACT) | set(families.LORA_REFUSED) | set(families.FULL_ONLY))
-    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_HERE else n for n in built]
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_HERE else n for n in families.built()]
 
 
 def test_telemetry_refused_list_names_built_families_only():
-    assert set(families.TELEMETRY_REFUSED) <= set(families.EXACT) | set(families.LORA_REFUSED) | set(families.FULL_ONLY)
+    assert set(families.TELEMETRY_REFUSED) <= set(families.built())
 
 
 @pytest.mark.parametrize("name", _names())

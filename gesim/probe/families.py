@@ -178,6 +178,11 @@ def listed() -> set:
     return {name for group in ALL_LISTS for name in group}
 
 
+def built() -> list:
+    """The families built tiny and probed here (exact, LoRA refused or full parameters only), sorted."""
+    return sorted({*EXACT, *LORA_REFUSED, *FULL_ONLY})
+
+
 # transformers config attributes shrunk for a tiny instance (when the config has them)
 SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=128, n_embd=32, n_layer=2, n_head=4,

@@ -264,8 +264,8 @@ class Recorder(RuleHost):
             return
         tol = 5e-2 if self.low_precision else {torch.float64: 1e-5}.get(self.dtype, 1e-3)
         G = sum(w * w for _, w in self.checks.values()) ** 0.5
-        bad = [(pid, d / max(w, G / 10, torch.finfo(self.dtype).tiny)) for pid, (d, w) in self.checks.items()
-               if d > tol * max(w, G / 10)]
+        scaled = [(pid, d / max(w, G / 10, torch.finfo(self.dtype).tiny)) for pid, (d, w) in self.checks.items()]
+        bad = [(pid, err) for pid, err in scaled if err > tol]
         if bad:
             pid, err = max(bad, key=lambda x: x[1])
             raise GesimError(f"telemetry: the uses of {self.selected[pid]} that module hooks see do not add up to "
